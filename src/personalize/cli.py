@@ -1,0 +1,188 @@
+"""Command line: `personalize train | generate`. Thin: parses flags, then calls the library.
+
+Flags come from the config dataclasses (TrainConfig and the chosen method's), so every option is documented
+once, where it is declared. Precedence: dataclass default < `--config FILE` (YAML or TOML) < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .errors import PersonalizeError
+
+
+# -- flags from dataclasses -------------------------------------------------------------------------------------
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation such as `int | None` or `list[str] | None`."""
+    hint = eval(annotation, {"list": list}) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        kind, is_list = _base_type(f.type)
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        names += f.metadata.get("aliases", [])
+        default = f.default if f.default is not MISSING else None
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if kind is bool:
+            parser_action = argparse.BooleanOptionalAction
+            group.add_argument(*names, action=parser_action, **kwargs)
+            continue
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(*names, type=kind, nargs="+" if is_list else None, **kwargs)
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PersonalizeError(f"--config {p}: no such file")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(p.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text()) or {}
+    except Exception as exc:  # noqa: BLE001 - YAML and TOML raise their own error types
+        raise PersonalizeError(f"--config {p} is not valid YAML/TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PersonalizeError(f"--config {p} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_configs(argv: list[str]):
+    """Parse `train` flags into (TrainConfig, method config)."""
+    from .methods import METHODS
+    from .trainer import TrainConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_values = read_config_file(known.config) if known.config else {}
+    method = known.method or file_values.get("method") or TrainConfig.method
+    if method not in METHODS:
+        raise PersonalizeError(f"unknown --method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    method_cls = METHODS[method].config_class
+
+    parser = argparse.ArgumentParser(prog="personalize train", description="Train a concept from a folder of images.")
+    parser.add_argument("--config", help="YAML/TOML file with any of these options (the command line wins)")
+    seen: set[str] = set()
+    add_dataclass_flags(parser, TrainConfig, seen)
+    add_dataclass_flags(parser, method_cls, seen)
+    args = vars(parser.parse_args(argv))
+    args.pop("config", None)
+    unknown = set(file_values) - seen - {"personalize"}
+    if unknown:
+        raise PersonalizeError(f"--config {known.config}: unknown option(s) {', '.join(sorted(unknown))}")
+    values = {**{k: v for k, v in file_values.items() if k in seen}, **args, "method": method}
+    train_cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
+    method_cfg = method_cls(**{f.name: values[f.name] for f in fields(method_cls) if f.name in values})
+    return train_cfg, method_cfg
+
+
+# -- verbs ----------------------------------------------------------------------------------------------------
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .trainer import train
+
+    train_cfg, method_cfg = build_configs(argv)
+    output = train(train_cfg, method_cfg)
+    print(f"done: artefacts and previews in {output}")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from .backbone import load_backbone
+    from .generate import generate_images, install_concept, make_grid, save_png
+
+    p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
+    p.add_argument("--model", "--pretrained_model_name_or_path", default="tiny", help="base model the concepts were trained on")
+    p.add_argument("--model-config", default=None, help="diffusers folder with the configs of a single-file checkpoint")
+    p.add_argument("--concept", action="append", default=[], help="embedding file or run folder (repeatable)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt using the concept's token (repeatable)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=30, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
+    a = p.parse_args(argv)
+    backbone = load_backbone(a.model, model_config=a.model_config)
+    for concept in a.concept:
+        print(f"concept {install_concept(backbone, concept)} from {concept}")
+    seeds = [a.seed + i for i in range(a.num_images)]
+    images = generate_images(backbone, a.prompt, seeds, steps=a.steps, guidance=a.guidance,
+                             resolution=a.resolution, negative_prompt=a.negative_prompt)
+    out = Path(a.output)
+    for i, image in enumerate(images):
+        save_png(image, out / f"{i // len(seeds):02d}-{seeds[i % len(seeds)]}.png")
+    save_png(make_grid(images, len(seeds)), out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+VERBS = {"train": cmd_train, "generate": cmd_generate}
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print("usage: personalize {train,generate} [options]   (personalize VERB --help for its options)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    try:
+        return VERBS[argv[0]](argv[1:])
+    except PersonalizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with --resume latest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""What every method provides to the one trainer.
+
+A method owns its trainable parts and its loss; the trainer owns data, optimisation, checkpoints and logging.
+Several parameter sets with their own schedules (Dis²Booth's anchor and delta steps) fit by naming parameter
+groups and saying, per step, which groups take a sub-step — the trainer keeps one optimiser per group and steps
+only that group's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """What the trainer hands a method each (sub-)step."""
+
+    latents: torch.Tensor  # [B, C, h, w] sampled from the cached latent distributions (flips included)
+    image_indices: torch.Tensor  # [B] which training image each row comes from
+    generator: torch.Generator  # the run's generator: every random draw goes through it, so resume is exact
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `name`, `config_class` and implement the four methods below."""
+
+    name: str = ""
+    config_class: type = object
+    default_steps: int = 1000
+    default_lr: float = 1e-4
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group name; each group gets its own optimiser."""
+        return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+    def schedule(self, step: int) -> list[str]:
+        """Groups that take a sub-step at `step`, in order (one optimiser step each)."""
+        return ["main"]
+
+    def loss(self, batch: Batch, group: str) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def validation_prompts(self) -> list[str]:
+        return []
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to resume (trainable parameters only, never the frozen base model)."""
+        names = {id(p) for group in self.param_groups().values() for p in group}
+        return {k: v.detach().cpu().clone() for k, v in self.named_parameters() if id(v) in names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def save(self, output_dir: Path, step: int) -> list[Path]:
+        """Write the final artefacts (atomically) and load each back; return their paths."""
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""Textual Inversion (Gal et al. 2022): learn the vector(s) of a new word from a few images.
+
+    v* = argmin_v  E_{z0, ε, t} || ε − ε_θ(z_t, t, c_θ(y(v))) ||²        (TI eq. 2; BaTex eq. 5)
+
+Only the placeholder's vectors are trained (a `FreeVectors` per text encoder); the vocabulary, the text encoder
+and the UNet stay frozen, so nothing else of the model can change. Defaults follow diffusers'
+textual-inversion example: AdamW, lr 5e-4 multiplied by the batch size, 3000 steps for SD 1.5, the 'object'
+or 'style' prompt templates of the original paper.
+
+Multi-token init words: an init word the tokenizer splits into k pieces is accepted with `--num-vectors k`
+(vector i starts at piece i) and refused otherwise, with a message naming the pieces. A single-token init word
+starts every vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..concepts import FreeVectors, add_placeholder_tokens, concept_embedding, expand_prompt
+from ..errors import PersonalizeError
+from ..export import save_embeddings
+from ..losses import denoise, diffusion_loss
+from .base import Batch, Method
+
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+@dataclass
+class TextualInversionConfig:
+    token: str = field(
+        default="<concept>",
+        metadata={"help": "placeholder word that will stand for the concept in prompts", "aliases": ["--placeholder_token"]},
+    )
+    init_word: str | None = field(
+        default=None,
+        metadata={"help": "a word close to the concept (e.g. 'cat'); its vector is the starting point", "aliases": ["--initializer_token"]},
+    )
+    num_vectors: int = field(default=1, metadata={"help": "vectors per placeholder (more = more capacity, less editability)"})
+    templates: str = field(default="object", metadata={"help": "training prompt templates", "choices": sorted(TEMPLATES)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the trained vectors"})
+
+
+class TextualInversion(Method):
+    name = "textual-inversion"
+    config_class = TextualInversionConfig
+    default_steps = 3000
+    default_lr = 5e-4
+
+    def __init__(self, config: TextualInversionConfig, backbone):
+        super().__init__()
+        if not config.init_word:
+            raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat")
+        if config.num_vectors < 1:
+            raise PersonalizeError("--num-vectors must be at least 1")
+        self.config, self.backbone = config, backbone
+        self.sources = nn.ModuleList()
+        for tokenizer, encoder in zip(backbone.tokenizers, backbone.text_encoders):
+            init_ids = self._init_ids(tokenizer)
+            first_id = add_placeholder_tokens(tokenizer, config.token, config.num_vectors)[0]
+            source = self.make_source(init_ids, encoder.get_input_embeddings().weight.detach(), tokenizer)
+            concept_embedding(encoder).add(config.token, first_id, source)
+            self.sources.append(source)
+        templates = TEMPLATES[config.templates]
+        self.prompts = [expand_prompt(t.format(config.token), config.token, config.num_vectors) for t in templates]
+        self.prompt_ids = backbone.tokenize(self.prompts)  # tokenised once: the step samples rows
+
+    def _init_ids(self, tokenizer) -> list[int]:
+        """The init word's token id for each vector (see the module docstring for the multi-token rule)."""
+        word, n = self.config.init_word, self.config.num_vectors
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not ids or word.strip() == "":
+            raise PersonalizeError(f"--init-word {word!r} is not a word the tokenizer knows")
+        if len(ids) == 1:
+            return ids * n
+        if len(ids) == n:
+            return ids
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise PersonalizeError(
+            f"--init-word {word!r} is split by the tokenizer into {len(ids)} tokens {pieces}; use a single-token word "
+            f"(e.g. its main noun) or --num-vectors {len(ids)} to start one vector from each piece"
+        )
+
+    def make_source(self, init_ids: list[int], table: torch.Tensor, tokenizer) -> nn.Module:
+        """The vectors' parametrisation: TI trains them directly, starting from the init word."""
+        return FreeVectors(table[init_ids])
+
+    def param_groups(self):
+        return {"main": list(self.sources.parameters())}
+
+    def loss(self, batch: Batch, group: str):
+        rows = torch.randint(0, len(self.prompts), (batch.latents.shape[0],), generator=batch.generator)
+        step = denoise(self.backbone, batch.latents, [ids[rows] for ids in self.prompt_ids], batch.generator)
+        loss = diffusion_loss(step)
+        return loss, {"loss": loss.item()}
+
+    def validation_prompts(self) -> list[str]:
+        token = self.config.token
+        if self.config.templates == "style":
+            return [f"a painting in the style of {token}", f"a cat in the style of {token}"]
+        return [f"a photo of {token}", f"a photo of {token} on the beach"]
+
+    def vectors(self) -> list[torch.Tensor]:
+        """The learned vectors, one `[n, d]` tensor per text encoder."""
+        return [source().detach().float().cpu().clone() for source in self.sources]
+
+    def save(self, output_dir: Path, step: int) -> list[Path]:
+        return save_embeddings(output_dir, self.config.token, self.vectors(), step=step, model_name=self.backbone.name)

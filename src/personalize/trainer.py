@@ -1,0 +1,310 @@
+"""The one training loop, for every method.
+
+Read top to bottom: load the base model and images, encode each image (and its mirror) once with the VAE,
+build the method, then step. Each step samples a batch from the cached latent distributions, asks the method
+for its loss on each parameter group its schedule names, and steps that group's optimiser. Every random draw
+goes through one `torch.Generator` that checkpoints save, so a run killed and resumed continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .backbone import load_backbone
+from .data import load_image_folder
+from .errors import PersonalizeError
+from .export import atomic_write
+from .generate import generate_images, make_grid, save_png
+from .methods import METHODS, Batch, Method
+
+log = logging.getLogger("personalize")
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainConfig:
+    """Options of the loop itself; each method adds its own (see its config dataclass)."""
+
+    method: str = field(default="textual-inversion", metadata={"help": "what to train", "choices": sorted(METHODS)})
+    model: str = field(
+        default="tiny",
+        metadata={"help": "base model: tiny | tiny-v | tiny-xl | diffusers folder | .safetensors/.ckpt | hub id",
+                  "aliases": ["--pretrained_model_name_or_path"]},
+    )
+    model_config: str | None = field(default=None, metadata={"help": "diffusers folder with the configs of a single-file checkpoint"})
+    images: str | None = field(default=None, metadata={"help": "folder of training images", "aliases": ["--instance_data_dir"]})
+    output: str | None = field(default=None, metadata={"help": "folder for checkpoints, previews and artefacts", "aliases": ["--output_dir"]})
+    steps: int | None = field(default=None, metadata={"help": "training steps (default: the method's)", "aliases": ["--max_train_steps"]})
+    batch_size: int = field(default=4, metadata={"help": "images per step", "aliases": ["--train_batch_size"]})
+    lr: float | None = field(default=None, metadata={"help": "learning rate before scaling (default: the method's)", "aliases": ["--learning_rate"]})
+    scale_lr: bool = field(default=True, metadata={"help": "multiply the learning rate by batch size × processes (as diffusers' --scale_lr)"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps of the learning rate"})
+    resolution: int | None = field(default=None, metadata={"help": "training image size (default: the model's native size)"})
+    flip: bool = field(default=True, metadata={"help": "also train on mirrored images"})
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps", "aliases": ["--checkpointing_steps"]})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "keep only the newest N checkpoints"})
+    validation_steps: int | None = field(default=None, metadata={"help": "preview images every N steps (default: at the end only)"})
+    validation_prompts: list[str] | None = field(default=None, metadata={"help": "preview prompts (default: the method's)"})
+    num_validation_images: int = field(default=2, metadata={"help": "preview images per prompt (seeds seed, seed+1, ...)"})
+    inference_steps: int = field(default=30, metadata={"help": "sampler steps of previews"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of previews"})
+    mixed_precision: str = field(default="no", metadata={"help": "run the frozen networks in half precision", "choices": ["no", "fp16", "bf16"]})
+    report_to: str = field(default="none", metadata={"help": "log losses to", "choices": ["none", "tensorboard"]})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder", "aliases": ["--resume_from_checkpoint"]})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an output folder that holds a run"})
+
+
+# -- output folder ---------------------------------------------------------------------------------------------
+
+
+def _read_run(output: Path) -> dict:
+    try:
+        return json.loads((output / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    """Create the output folder; refuse to clobber an earlier run unless told to resume or overwrite."""
+    if not cfg.output:
+        raise PersonalizeError("--output is required: the folder where the run writes its files")
+    output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise PersonalizeError(f"--output {output} exists and is not a folder")
+    run = _read_run(output)
+    has_checkpoints = any((output / "checkpoints").glob("step-*"))
+    if cfg.overwrite:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        (output / RUN_FILE).unlink(missing_ok=True)
+    elif cfg.resume is None and (run or has_checkpoints):
+        what = "a finished run" if run.get("status") == "finished" else "an unfinished run"
+        raise PersonalizeError(f"{output} already holds {what}; pass --resume latest to continue it or --overwrite to start over")
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def write_resolved_config(output: Path, cfg: TrainConfig, method_cfg) -> None:
+    from . import __version__
+
+    resolved = {"personalize": __version__, **asdict(cfg), **asdict(method_cfg)}
+    atomic_write(output / CONFIG_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+
+
+def _write_run(output: Path, **info) -> None:
+    atomic_write(output / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    found = [p for p in (output / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output: Path, step: int, method: Method, optimizers, schedulers, generator, limit: int) -> Path:
+    """Everything needed to continue exactly, written to a temporary folder and renamed into place."""
+    final = output / "checkpoints" / f"step-{step:06d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step-{step:06d}-"))
+    try:
+        save_file(method.trainable_state(), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PersonalizeError(f"could not write checkpoint {final}: {exc.strerror or exc}") from exc
+    for old in checkpoint_dirs(output)[:-limit] if limit > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, method: Method, optimizers, schedulers, generator) -> int:
+    method.load_trainable_state(load_file(str(path / "trainable.safetensors")))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return json.loads((path / "step.json").read_text())["step"]
+
+
+def _find_resume(output: Path, resume: str) -> Path | None:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "step.json").exists():
+            raise PersonalizeError(f"--resume {resume}: not a checkpoint folder (expected {output}/checkpoints/step-N)")
+        return path
+    found = checkpoint_dirs(output)
+    if not found:
+        log.warning("--resume latest: no checkpoint in %s, starting from step 0", output)
+    return found[-1] if found else None
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """Each training image (and its mirror) encoded once; a batch samples z = mean + std·ε from the cache."""
+
+    def __init__(self, backbone, pixels: torch.Tensor, flip: bool, device):
+        if flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        means, stds = zip(*(backbone.encode_images(chunk) for chunk in pixels.split(8)))
+        self.mean, self.std = torch.cat(means).to(device), torch.cat(stds).to(device)
+        self.num_images = len(pixels) // (2 if flip else 1)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, len(self.mean), (batch_size,), generator=generator)
+        eps = torch.randn(self.mean[rows].shape, generator=generator).to(self.mean.device)
+        return self.mean[rows] + self.std[rows] * eps, rows % self.num_images
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+def build_method(cfg: TrainConfig, method_cfg, backbone) -> Method:
+    return METHODS[cfg.method](method_cfg, backbone)
+
+
+def train(cfg: TrainConfig, method_cfg) -> Path:
+    """Train one concept; return the output folder (artefacts, previews, config, checkpoints)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output = prepare_output(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(output),
+    )
+    set_seed(cfg.seed)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+    backbone = load_backbone(cfg.model, model_config=cfg.model_config)
+    backbone.freeze()
+    backbone.to(device, weight_dtype)
+    resolution = cfg.resolution or backbone.default_resolution
+    images = load_image_folder(cfg.images, resolution) if cfg.images else _missing_images()
+    cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device)
+
+    method = build_method(cfg, method_cfg, backbone).to(device)
+    steps = cfg.steps or method.default_steps
+    lr = (cfg.lr or method.default_lr) * (cfg.batch_size * accelerator.num_processes if cfg.scale_lr else 1)
+    weight_decay = getattr(method_cfg, "weight_decay", 0.0)
+    optimizers, schedulers = {}, {}
+    for group, params in method.param_groups().items():
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        warmup = max(cfg.lr_warmup_steps, 1)
+        schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        optimizers[group] = accelerator.prepare_optimizer(optimizer)
+    write_resolved_config(output, cfg, method_cfg)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    resume_from = _find_resume(output, cfg.resume) if cfg.resume else None
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, method, optimizers, schedulers, generator)
+        log.info("resumed from %s (step %d)", resume_from, start)
+    if cfg.report_to != "none":
+        _init_trackers(accelerator, cfg)
+    _write_run(output, status="running", step=start, steps=steps)
+
+    prompts = cfg.validation_prompts or method.validation_prompts()
+    progress = tqdm(total=steps, initial=start, desc=f"{cfg.method}", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    logs: dict[str, float] = {}
+    for step in range(start, steps):
+        for group in method.schedule(step):
+            latents, rows = cache.sample(cfg.batch_size, generator)
+            with accelerator.autocast():
+                loss, group_logs = method.loss(Batch(latents, rows, generator), group)
+            if not torch.isfinite(loss):
+                raise PersonalizeError(
+                    f"the loss became {loss.item()} at step {step + 1}; try a lower --lr, --mixed-precision no "
+                    f"(or bf16 instead of fp16), or resume from an earlier checkpoint"
+                )
+            accelerator.backward(loss)
+            _average_gradients(accelerator, optimizers[group])
+            optimizers[group].step()
+            schedulers[group].step()
+            optimizers[group].zero_grad(set_to_none=True)
+            logs.update({f"{group}/{k}" if group != "main" else k: v for k, v in group_logs.items()})
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if cfg.report_to != "none":
+            accelerator.log(logs, step=step + 1)
+        done = step + 1
+        if accelerator.is_main_process and done % cfg.checkpointing_steps == 0 and done < steps:
+            save_checkpoint(output, done, method, optimizers, schedulers, generator, cfg.checkpoints_total_limit)
+            _write_run(output, status="running", step=done, steps=steps)
+        if accelerator.is_main_process and cfg.validation_steps and done % cfg.validation_steps == 0 and done < steps:
+            _validate(backbone, cfg, prompts, output, done, resolution)
+    progress.close()
+
+    if accelerator.is_main_process:
+        files = method.save(output, steps)
+        _validate(backbone, cfg, prompts, output, steps, resolution)
+        _write_run(output, status="finished", step=steps, steps=steps, artefacts=[f.name for f in files])
+        for f in files:
+            log.info("wrote %s", f)
+    accelerator.end_training()
+    return output
+
+
+def _missing_images():
+    raise PersonalizeError("--images is required: a folder with a few images of the concept")
+
+
+def _average_gradients(accelerator, optimizer) -> None:
+    """Data parallelism without wrapping the method in DDP: average the few trainable gradients across GPUs."""
+    if accelerator.num_processes == 1:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def _init_trackers(accelerator, cfg: TrainConfig) -> None:
+    try:
+        accelerator.init_trackers("personalize", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+    except (ImportError, ModuleNotFoundError, ValueError) as exc:
+        raise PersonalizeError(f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to} ({exc})") from exc
+
+
+def _validate(backbone, cfg: TrainConfig, prompts: list[str], output: Path, step: int, resolution: int) -> None:
+    """Preview grid: rows are prompts, columns seeds; drawn by the same sampler as `personalize generate`."""
+    if not prompts or cfg.num_validation_images < 1:
+        return
+    seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
+    images = generate_images(backbone, prompts, seeds, steps=cfg.inference_steps, guidance=cfg.guidance, resolution=resolution)
+    save_png(make_grid(images, len(seeds)), output / "validation" / f"step-{step:06d}.png")

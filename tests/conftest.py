@@ -1,0 +1,23 @@
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+# Keep the user's real cache out of tests (the CLIP tokenizer files are built there once).
+os.environ.setdefault("PERSONALIZE_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "personalize"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+REPO = Path(__file__).resolve().parent.parent
+DREAMBENCH = REPO.parent / "shared" / "datasets" / "dreambench"
+EXAMPLE_IMAGES = REPO / "examples" / "cat"
+
+
+@pytest.fixture
+def dreambench():
+    if not DREAMBENCH.is_dir():
+        pytest.skip("../shared/datasets/dreambench is not beside this checkout")
+    return DREAMBENCH

@@ -1,0 +1,73 @@
+"""Base-model loading and the prediction-type maths."""
+
+import time
+
+import pytest
+import torch
+
+from personalize.backbone import load_backbone
+from personalize.errors import PersonalizeError
+
+
+@pytest.mark.parametrize("name, kind", [("tiny", "epsilon"), ("tiny-v", "v_prediction"), ("tiny-xl", "epsilon")])
+def test_tiny_models_load_with_their_prediction_type(name, kind):
+    backbone = load_backbone(name)
+    assert backbone.prediction_type == kind
+    assert backbone.is_sdxl == (name == "tiny-xl")
+    assert backbone.default_resolution == 32
+    assert len(backbone.tokenizers[0]) == 49408  # the real CLIP vocabulary
+    assert backbone.tokenizers[0]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v"])
+def test_target_and_x0_are_consistent_for_both_prediction_types(name):
+    """A perfect prediction of the target must give back x0 exactly, whatever the parametrisation."""
+    backbone = load_backbone(name)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 250, 600, 999])
+    noisy = backbone.add_noise(x0, noise, t)
+    target = backbone.target(x0, noise, t)
+    torch.testing.assert_close(backbone.predict_x0(noisy, target, t), x0, rtol=1e-4, atol=1e-4)
+    if name == "tiny":
+        assert torch.equal(target, noise)
+    else:  # v = α_t ε − σ_t x0
+        a = backbone.noise_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - backbone.noise_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        torch.testing.assert_close(target, a * noise - s * x0)
+
+
+def test_saved_folder_loads_back_as_a_diffusers_model(tmp_path):
+    load_backbone("tiny").pipe.save_pretrained(tmp_path / "m")
+    again = load_backbone(str(tmp_path / "m"))
+    assert again.prediction_type == "epsilon" and len(again.tokenizers[0]) == 49408
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("some-org/some-model", "not in the local Hugging Face cache"),
+        ("/nowhere/model.safetensors", "does not exist"),
+        ("./missing-folder", "does not exist"),
+        ("not a model", "neither a built-in name"),
+    ],
+)
+def test_missing_models_fail_fast_and_say_what_to_pass(spec, message):
+    start = time.monotonic()
+    with pytest.raises(PersonalizeError, match=message) as err:
+        load_backbone(spec)
+    assert time.monotonic() - start < 5  # the CLI promises "within a second"; leave CI headroom
+    assert "--model tiny" in str(err.value)
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(PersonalizeError, match="model_index.json"):
+        load_backbone(str(tmp_path))
+
+
+def test_broken_single_file_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(PersonalizeError, match="model.safetensors"):
+        load_backbone(str(bad))
