@@ -179,3 +179,13 @@ def test_real_photos_train(tmp_path, dreambench):
     run(["--images", dreambench / "dog", "--output", tmp_path, "--init-word", "dog", "--steps", 2,
          "--method", "batex", "--batch-size", 4, "--num-validation-images", 1, "--inference-steps", 2])
     assert embeds(tmp_path)["<concept>"].shape == (1, 32)
+
+
+def test_missing_tracker_package_is_named_before_any_work(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    run(base_args(tmp_path / "o", "--steps", 1, "--report-to", "tensorboard"), expect=2)
+    assert "pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -200,6 +200,7 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    _require_tracker(cfg.report_to)
     output = prepare_output(cfg)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -292,6 +293,13 @@ def _average_gradients(accelerator, optimizer) -> None:
         for p in group["params"]:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def _require_tracker(name: str) -> None:
+    import importlib.util
+
+    if name != "none" and importlib.util.find_spec(name) is None:  # accelerate would silently drop the tracker
+        raise PersonalizeError(f"--report-to {name} needs its package: pip install {name}")
 
 
 def _init_trackers(accelerator, cfg: TrainConfig) -> None:
