@@ -189,3 +189,16 @@ def test_missing_tracker_package_is_named_before_any_work(tmp_path, capsys):
     run(base_args(tmp_path / "o", "--steps", 1, "--report-to", "tensorboard"), expect=2)
     assert "pip install tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_validation_at_intervals_and_resume_of_a_finished_run_to_more_steps(tmp_path):
+    run(base_args(tmp_path, "--steps", 4, "--validation-steps", 2, "--checkpointing-steps", 2,
+                  "--validation-prompts", "a <concept>", "a <concept> in snow", "--num-validation-images", 2))
+    grids = sorted(p.name for p in (tmp_path / "validation").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "validation" / "step-000004.png").size == (2 * 32, 2 * 32)  # 2 seeds × 2 prompts
+    run(base_args(tmp_path, "--steps", 6, "--validation-steps", 2, "--checkpointing-steps", 2, "--resume", "latest"))
+    assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # limit 2

@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
         if cfg.report_to != "none":
             accelerator.log(logs, step=step + 1)
         done = step + 1
-        if accelerator.is_main_process and done % cfg.checkpointing_steps == 0 and done < steps:
+        # The last step checkpoints too, so a finished run can be resumed to more steps.
+        if accelerator.is_main_process and (done % cfg.checkpointing_steps == 0 or done == steps):
             save_checkpoint(output, done, method, optimizers, schedulers, generator, cfg.checkpoints_total_limit)
             _write_run(output, status="running", step=done, steps=steps)
         if accelerator.is_main_process and cfg.validation_steps and done % cfg.validation_steps == 0 and done < steps:
