@@ -71,3 +71,23 @@ def test_broken_single_file_checkpoint_names_the_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(PersonalizeError, match="model.safetensors"):
         load_backbone(str(bad))
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_single_file_checkpoint_picks_the_family_and_passes_the_config(tmp_path, monkeypatch, sdxl):
+    """Dispatch only: a real SD checkpoint cannot be made here (no weights, no LDM-format writer in diffusers)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    key = "conditioner.embedders.1.model.ln_final.weight" if sdxl else "cond_stage_model.transformer.x"
+    ckpt = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(1)}, str(ckpt))
+    calls = []
+    tiny = load_backbone("tiny-xl" if sdxl else "tiny").pipe
+    for cls in (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(lambda c, path, **kw: calls.append((c.__name__, path, kw)) or tiny))
+    backbone = load_backbone(str(ckpt), model_config=str(tmp_path / "cfg"))
+    name, path, kwargs = calls[0]
+    assert name == ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
+    assert path == str(ckpt) and kwargs["config"] == str(tmp_path / "cfg")
+    assert backbone.is_sdxl == sdxl

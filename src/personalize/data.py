@@ -1,9 +1,18 @@
 """Image folder -> validated training tensors.
 
-Every odd file a user may drop in a folder gets a defined outcome: EXIF rotation applied; grayscale, palette,
-CMYK, 16-bit and float images converted to 8-bit RGB; transparency composited on white; captions read from
-`NAME.txt`; masks (`NAME.mask.png`) and hidden or non-image files skipped; a corrupt image stops the run with
-its name; an image smaller than the training resolution is upscaled with a warning.
+Personalisation trains on a handful (3-20) of user photos, so every one of them matters and every odd file a user
+may drop in the folder gets a defined outcome instead of a silent surprise:
+
+* EXIF orientation is applied, so phone photos are upright as the user sees them;
+* grayscale, bilevel, palette, CMYK, 16-bit and float images become 8-bit RGB, with high bit depths *scaled*
+  (Pillow's own ``convert`` clips them, which turns a 16-bit photo almost entirely white);
+* transparency is composited onto white (the usual look of a cut-out product shot);
+* ``NAME.txt`` beside ``NAME.jpg`` is that image's caption;
+* masks (``NAME.mask.png``), hidden files and non-image files are skipped;
+* a corrupt or truncated image stops the run, naming the file (training on half a photo is worse than stopping);
+* an image smaller than the training resolution is upscaled, with a warning.
+
+ICC colour profiles are not applied: pixel values are taken as sRGB, which is what nearly all photos are.
 """
 
 from __future__ import annotations
@@ -14,92 +23,246 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import PersonalizeError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-_log = logging.getLogger("personalize.data")
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+CAPTION_EXTENSION = ".txt"
+MASK_SUFFIX = ".mask"  # `NAME.mask.png`: an image stem ending in this is a mask, not a training image
+
+_WHITE = (255, 255, 255, 255)
+_LOG = logging.getLogger("personalize.data")
 
 
 @dataclass
 class TrainImage:
+    """One training image, ready to encode."""
+
     path: Path
     pixels: torch.Tensor  # float32 [3, R, R] in [-1, 1]
-    caption: str | None  # text of NAME.txt beside the image, if any
+    caption: str | None  # text of NAME.txt beside the image, stripped; None when there is none or it is blank
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit integer and 32-bit float images into 0..255 (Pillow's convert('RGB') would clip them)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        data = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
-        return Image.fromarray(np.clip(np.round(data / top * 255.0), 0, 255).astype(np.uint8), "L")
+# --------------------------------------------------------------------------------------------- one image
+
+
+def _array_to_l(values: np.ndarray, top: float) -> Image.Image:
+    """Map 0..top linearly onto 0..255 and round (not truncate), so that mid-grey stays mid-grey."""
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # 2-D uint8 -> mode "L"
+
+
+def _stretch_to_l(values: np.ndarray) -> Image.Image:
+    """Last resort for data with no known range (negative or > 16-bit integers, HDR floats): min..max -> 0..255."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return _array_to_l(np.zeros_like(values), 1.0)
+    return _array_to_l(values - low, high - low)
+
+
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit integer and 32-bit int/float grayscale into 8-bit "L"; other modes pass through unchanged.
+
+    Pillow's ``convert("L"/"RGB")`` clips these modes at 255 instead of scaling, so a 16-bit PNG would come out
+    nearly all white. The file format fixes the range of "I;16*" (0..65535); for "I" and "F" it does not, so the
+    range is inferred from the values: "I" within 0..255 is 8-bit data widened, within 0..65535 is 16-bit data
+    (what older Pillow made of 16-bit PNGs); "F" within 0..1 is normalised, within 0..255 is 8-bit scale. Anything
+    else is stretched from its minimum to its maximum.
+    """
+    if image.mode.startswith("I;16"):  # I;16, I;16L, I;16B: numpy honours the byte order
+        return _array_to_l(np.asarray(image, dtype=np.float64), 65535.0)
+    if image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() >= 0 and values.max() <= 255:
+            return _array_to_l(values, 255.0)
+        if values.min() >= 0 and values.max() <= 65535:
+            return _array_to_l(values, 65535.0)
+        return _stretch_to_l(values)
     if image.mode == "F":
-        data = np.asarray(image, dtype=np.float64)
-        top = 1.0 if data.max() <= 1.0 else 255.0
-        return Image.fromarray(np.clip(np.round(data / top * 255.0), 0, 255).astype(np.uint8), "L")
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if values.min() >= 0 and values.max() <= 1.0:
+            return _array_to_l(values, 1.0)
+        if values.min() >= 0 and values.max() <= 255.0:
+            return _array_to_l(values, 255.0)
+        return _stretch_to_l(values)
     return image
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open one image as 8-bit RGB, decoding it fully so a truncated file fails here, naming itself."""
-    path = Path(path)
+def _flatten_alpha_on_white(image: Image.Image) -> Image.Image:
+    """Composite any transparency (alpha channel, or a palette/tRNS transparent colour) onto a white background.
+
+    White, not black: transparent areas of user images are mostly cut-out backgrounds, and a white studio
+    background is what such product shots are meant to look like.
+    """
+    if not image.has_transparency_data:
+        return image
+    if image.mode == "La":  # premultiplied LA: Pillow converts it only to LA
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")  # also applies P/L/RGB "transparency" info
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open and fully decode one file, upright, or raise PersonalizeError naming it."""
     try:
         with Image.open(path) as image:
+            # Image.open only reads the header; decoding everything here makes a truncated file fail now,
+            # with its name, rather than later inside training. LOAD_TRUNCATED_IMAGES stays as the user left it.
             image.load()
-            image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PersonalizeError(f"{path}: not a readable image ({exc}); remove or replace it") from exc
-    image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent areas become white
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGB...
+            return ImageOps.exif_transpose(image)  # a new image, so it survives the file being closed
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PersonalizeError(f"{path}: {exc}; downscale this image (a few megapixels is plenty)") from exc
+    except Exception as exc:  # Pillow's plugins raise many types for damaged data (OSError, SyntaxError, ...)
+        raise PersonalizeError(
+            f"{path}: cannot be read as an image ({type(exc).__name__}: {exc}); "
+            "it may be truncated or corrupt: re-export or re-download it, or remove it from the folder"
+        ) from exc
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open one image file as an upright 8-bit RGB image.
+
+    * EXIF orientation is applied (``ImageOps.exif_transpose``), so the result looks as it does in a photo viewer;
+    * grayscale ("L", "LA", "1"), palette ("P", with or without transparency), CMYK, YCbCr etc. are converted;
+    * 16-bit ("I;16", "I;16B", "I") and 32-bit float ("F") images are scaled to 8 bit, not clipped
+      (see ``_high_depth_to_8bit`` for how the range of "I" and "F" is chosen);
+    * transparency ("RGBA", "LA", "PA", transparent palette entries) is composited onto a WHITE background.
+
+    The whole file is decoded, so a corrupt or truncated file raises PersonalizeError naming it.
+    """
+    path = Path(path)
+    image = _high_depth_to_8bit(_decode(path))
+    image = _flatten_alpha_on_white(image)
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # an exotic mode Pillow cannot turn into RGB
+        raise PersonalizeError(
+            f"{path}: colour mode {image.mode!r} cannot be converted to RGB; save it as an 8-bit RGB PNG or JPEG"
+        ) from exc
 
 
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, centre-crop a square, scale to [-1, 1]: float32 [3, R, R]."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    """Resize so the shorter side equals `resolution`, centre-crop a square; return float32 [3, R, R] in [-1, 1].
+
+    The resize and the crop are one Pillow call (a source `box` of the central square): identical to resizing
+    then cropping, but with the crop placed to sub-pixel precision. Bicubic resampling in Pillow is antialiased
+    when shrinking; `reducing_gap` first box-reduces big photos by an integer factor, which is much faster and
+    visually the same.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"to_training_tensor needs an RGB image, got mode {image.mode!r}; open files with load_rgb")
+    if resolution < 1:
+        raise PersonalizeError(f"the training resolution must be a positive number of pixels, got {resolution}")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    square = image.resize(
+        (resolution, resolution),
+        Image.Resampling.BICUBIC,
+        box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
+    array = np.asarray(square, dtype=np.float32) / 127.5 - 1.0  # 0 -> -1, 255 -> 1 exactly
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _is_training_image(path: Path) -> bool:
-    if path.name.startswith(".") or not path.is_file():
-        return False
-    if path.name.lower().endswith(".mask.png"):  # masks of a later feature, not training images
-        return False
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+# --------------------------------------------------------------------------------------------- a folder
 
 
-def load_image_folder(folder: str | Path, resolution: int, *, log: logging.Logger = _log) -> list[TrainImage]:
-    """Load every image of a folder (not recursive), sorted by name so runs are reproducible."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise PersonalizeError(f"image folder {folder} does not exist")
-    if not folder.is_dir():
-        raise PersonalizeError(f"{folder} is not a folder; --images takes a folder of images")
+def _is_mask(path: Path) -> bool:
+    """`NAME.mask.png` (any image extension) is a mask for a later feature, never a training image."""
+    return Path(path.stem).suffix.lower() == MASK_SUFFIX
+
+
+def _read_caption(image_path: Path) -> str | None:
+    """The stripped text of NAME.txt beside NAME.<ext>; None when absent or blank (a blank caption says nothing)."""
+    caption_path = image_path.with_suffix(CAPTION_EXTENSION)
+    if not caption_path.is_file():
+        return None
+    try:
+        text = caption_path.read_text(encoding="utf-8-sig")  # -sig: drop the BOM Windows editors write
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PersonalizeError(f"{caption_path}: cannot read this caption ({exc}); save it as UTF-8 text") from exc
+    return text.strip() or None
+
+
+def _image_files(folder: Path, log: logging.Logger | logging.LoggerAdapter) -> list[Path]:
+    """The training images of `folder`, sorted by file name; says (log.info) what else it skips and why.
+
+    Sorting by name (a plain, case-sensitive string sort) gives the same order on every OS and file system.
+    """
     images = []
-    for path in sorted(folder.iterdir()):
-        if not _is_training_image(path):
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() != ".txt" and not path.name.lower().endswith(".mask.png"):
-                log.info("skipping %s: not an image file", path)
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = path.name
+        if name.startswith("."):  # .DS_Store, ._foo.jpg (macOS resource forks), editor swap files
             continue
-        image = load_rgb(path)
+        if path.is_dir():
+            log.info("skipping %s: subfolders are not read", path)
+        elif path.suffix.lower() == CAPTION_EXTENSION:
+            continue  # a caption, read with its image
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            log.info("skipping %s: not an image file (accepted: %s)", path, _accepted())
+        elif _is_mask(path):
+            continue  # a mask, for a later feature
+        else:
+            images.append(path)
+    return images
+
+
+def _accepted() -> str:
+    return " ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def load_image_folder(
+    folder: str | Path,
+    resolution: int,
+    *,
+    log: logging.Logger | logging.LoggerAdapter = _LOG,
+) -> list[TrainImage]:
+    """Load every image directly inside `folder` (not recursive), sorted by file name so runs are reproducible.
+
+    Each image is loaded with `load_rgb` (upright, 8-bit RGB, transparency on white), its shorter side resized to
+    `resolution`, and its centre cropped to a square: **non-square images lose their edges** (the long sides),
+    so keep the subject near the middle. `NAME.txt` beside an image is its caption.
+
+    Skipped: hidden files, captions (`.txt`) and masks (`NAME.mask.png`) silently; other non-image files and
+    subfolders with one `log.info` line each. Images whose shorter side is below `resolution` are upscaled, with a
+    `log.warning` naming each.
+
+    Raises PersonalizeError when the folder is missing or not a folder, when it holds no image, or when any image
+    cannot be decoded (all undecodable files are named at once, so they can be fixed in one go).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise PersonalizeError(f"image folder {folder} does not exist; pass the folder that holds your photos")
+    if not folder.is_dir():
+        raise PersonalizeError(f"{folder} is not a folder; pass the folder that holds your photos, not one file")
+
+    paths = _image_files(folder, log)
+    if not paths:
+        raise PersonalizeError(
+            f"{folder} has no images; put your photos directly in it (subfolders are not read), "
+            f"with one of the extensions {_accepted()}"
+        )
+
+    images, failures = [], []
+    for path in paths:
+        try:
+            image = load_rgb(path)
+        except PersonalizeError as exc:
+            failures.append(str(exc))
+            continue
         if min(image.size) < resolution:
-            log.warning("%s is %dx%d, smaller than the training resolution %d: it will be upscaled", path, *image.size, resolution)
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
-        images.append(TrainImage(path, to_training_tensor(image, resolution), caption))
-    if not images:
-        raise PersonalizeError(f"{folder} holds no images (accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            log.warning(
+                "%s is only %dx%d, smaller than the training resolution %d: it will be upscaled (and look soft)",
+                path, image.width, image.height, resolution,
+            )
+        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path)))
+    if len(failures) == 1:
+        raise PersonalizeError(failures[0])
+    if failures:
+        raise PersonalizeError(f"{len(failures)} images in {folder} cannot be used:\n  " + "\n  ".join(failures))
     return images
