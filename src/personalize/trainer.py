@@ -130,6 +130,7 @@ def save_checkpoint(output: Path, step: int, method: Method, optimizers, schedul
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "method": method.extra_state(),
             },
             tmp / "state.pt",
         )
@@ -154,6 +155,7 @@ def load_checkpoint(path: Path, method: Method, optimizers, schedulers, generato
         s.load_state_dict(state["schedulers"][k])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    method.load_extra_state(state.get("method", {}))
     return json.loads((path / "step.json").read_text())["step"]
 
 
@@ -191,8 +193,37 @@ class LatentCache:
 # -- the loop --------------------------------------------------------------------------------------------------
 
 
-def build_method(cfg: TrainConfig, method_cfg, backbone) -> Method:
-    return METHODS[cfg.method](method_cfg, backbone)
+def build_method(cfg: TrainConfig, method_cfg, backbone, captions: list[str | None]) -> Method:
+    return METHODS[cfg.method](method_cfg, backbone, captions=captions)
+
+
+def class_image_cache(cfg: TrainConfig, method_cfg, backbone, output: Path, resolution: int, device):
+    """DreamBooth's prior preservation: class images drawn by the base model (before any LoRA), cached as latents."""
+    if not getattr(method_cfg, "prior_preservation", False):
+        return None
+    folder = Path(method_cfg.class_images or output / "class_images")
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    missing = method_cfg.num_class_images - len(have)
+    if missing > 0:
+        prompt = method_cfg.resolved(method_cfg.class_prompt)
+        log.info("generating %d class images for %r into %s", missing, prompt, folder)
+        for i in tqdm(range(len(have), method_cfg.num_class_images), desc="class images", dynamic_ncols=True):
+            (image,) = generate_images(backbone, [prompt], [cfg.seed + 10_000 + i], steps=cfg.inference_steps,
+                                       guidance=cfg.guidance, resolution=resolution)
+            save_png(image, folder / f"class-{i:05d}.png")
+    images = load_image_folder(folder, resolution)[: method_cfg.num_class_images]
+    return LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device)
+
+
+def _train_only(method: Method, group: str, groups: dict[str, list]) -> None:
+    """Let gradients reach only `group`'s parameters (peft's set_adapter re-enables every active adapter)."""
+    if len(groups) == 1:
+        return
+    own = {id(p) for p in groups[group]}
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(id(p) in own)
 
 
 def train(cfg: TrainConfig, method_cfg) -> Path:
@@ -217,13 +248,15 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     resolution = cfg.resolution or backbone.default_resolution
     images = load_image_folder(cfg.images, resolution) if cfg.images else _missing_images()
     cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device)
+    class_cache = class_image_cache(cfg, method_cfg, backbone, output, resolution, device)
 
-    method = build_method(cfg, method_cfg, backbone).to(device)
+    method = build_method(cfg, method_cfg, backbone, [im.caption for im in images]).to(device)
     steps = cfg.steps or method.default_steps
     lr = (cfg.lr or method.default_lr) * (cfg.batch_size * accelerator.num_processes if cfg.scale_lr else 1)
     weight_decay = getattr(method_cfg, "weight_decay", 0.0)
     optimizers, schedulers = {}, {}
-    for group, params in method.param_groups().items():
+    groups = method.param_groups()
+    for group, params in groups.items():
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         warmup = max(cfg.lr_warmup_steps, 1)
         schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -245,9 +278,11 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     logs: dict[str, float] = {}
     for step in range(start, steps):
         for group in method.schedule(step):
+            _train_only(method, group, groups)
             latents, rows = cache.sample(cfg.batch_size, generator)
+            class_latents = class_cache.sample(cfg.batch_size, generator)[0] if class_cache else None
             with accelerator.autocast():
-                loss, group_logs = method.loss(Batch(latents, rows, generator), group)
+                loss, group_logs = method.loss(Batch(latents, rows, generator, class_latents), group)
             if not torch.isfinite(loss):
                 raise PersonalizeError(
                     f"the loss became {loss.item()} at step {step + 1}; try a lower --lr, --mixed-precision no "
@@ -257,7 +292,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
             _average_gradients(accelerator, optimizers[group])
             optimizers[group].step()
             schedulers[group].step()
-            optimizers[group].zero_grad(set_to_none=True)
+            for optimizer in optimizers.values():  # no gradient may leak into another group's next sub-step
+                optimizer.zero_grad(set_to_none=True)
             logs.update({f"{group}/{k}" if group != "main" else k: v for k, v in group_logs.items()})
         progress.update(1)
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})

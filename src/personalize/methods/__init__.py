@@ -2,8 +2,13 @@
 
 from .base import Batch, Method
 from .batex import Batex, BatexConfig
+from .dis2booth import Dis2Booth, Dis2BoothConfig
+from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig
 from .textual_inversion import TextualInversion, TextualInversionConfig
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Batex)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Batex, DreamBoothLora, Dis2Booth)}
 
-__all__ = ["METHODS", "Batch", "Method", "Batex", "BatexConfig", "TextualInversion", "TextualInversionConfig"]
+__all__ = [
+    "METHODS", "Batch", "Method", "Batex", "BatexConfig", "Dis2Booth", "Dis2BoothConfig", "DreamBoothLora",
+    "DreamBoothLoraConfig", "TextualInversion", "TextualInversionConfig",
+]

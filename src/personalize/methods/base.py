@@ -22,6 +22,7 @@ class Batch:
     latents: torch.Tensor  # [B, C, h, w] sampled from the cached latent distributions (flips included)
     image_indices: torch.Tensor  # [B] which training image each row comes from
     generator: torch.Generator  # the run's generator: every random draw goes through it, so resume is exact
+    class_latents: torch.Tensor | None = None  # prior-preservation class images, when the method asks for them
 
 
 class Method(nn.Module):
@@ -56,6 +57,13 @@ class Method(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-parameter state a resume needs (e.g. Dis²Booth's feature queues)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
 
     def save(self, output_dir: Path, step: int) -> list[Path]:
         """Write the final artefacts (atomically) and load each back; return their paths."""

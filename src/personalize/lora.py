@@ -1,0 +1,127 @@
+"""LoRA on the UNet (and text encoders) through peft, and its files: diffusers/PEFT and kohya.
+
+Adapters are added with diffusers' own `add_adapter` (peft underneath), so the trained modules are exactly what
+`load_lora_weights` rebuilds. Files:
+- `pytorch_lora_weights.safetensors` — diffusers/PEFT keys (`unet.…lora_A.weight`), written by the pipeline's own
+  `save_lora_weights` with `lora_adapter_metadata` (rank, alpha, targets), loads with `pipe.load_lora_weights`;
+- `<name>.kohya.safetensors` — kohya keys (`lora_unet_<module path with _>.lora_down.weight / lora_up.weight /
+  alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for text encoders), the naming A1111, ComfyUI and diffusers read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import PersonalizeError
+from .export import atomic_write, save_safetensors
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_config(rank: int, alpha: float | None, targets) -> "LoraConfig":
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def add_lora(model, name: str, rank: int, alpha: float | None, targets) -> list[torch.nn.Parameter]:
+    """Add adapter `name` to a diffusers / transformers model; return its (fp32, trainable) parameters."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    config = lora_config(rank, alpha, targets)
+    with warnings.catch_warnings():  # a second adapter is intended (Dis²Booth), peft warns about it
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        if hasattr(model, "peft_config") or not _is_transformers_model(model):
+            model.add_adapter(config, adapter_name=name)  # diffusers models (peft's own integration)
+        else:
+            # transformers' add_adapter demands a newer peft than exists for some releases (5.24 wants 0.22);
+            # peft's own injection is what it calls underneath.
+            inject_adapter_in_model(config, model, adapter_name=name)
+            model.peft_config = {name: config}
+    params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    if not params:
+        raise PersonalizeError(f"no module of {type(model).__name__} matches the LoRA targets {list(targets)}")
+    for p in params:
+        p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+        p.requires_grad_(True)
+    return params
+
+
+def _is_transformers_model(model) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights with peft's adapter-free keys (`…to_q.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def set_adapter_state(model, name: str, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state, adapter_name=name)
+
+
+def scaling(model, name: str) -> float:
+    config = model.peft_config[name]
+    return config.lora_alpha / config.r
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+
+def save_diffusers_lora(pipeline_cls, output_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
+    """Write diffusers' LoRA file via the pipeline class's own writer, atomically.
+
+    `layers`/`metadata` map a component ('unet', 'text_encoder', 'text_encoder_2') to its peft state dict and its
+    LoraConfig dict.
+    """
+    output_dir = Path(output_dir)
+    kwargs = {f"{component}_lora_layers": state for component, state in layers.items()}
+    kwargs.update({f"{component}_lora_adapter_metadata": meta for component, meta in metadata.items()})
+
+    def write(tmp: Path) -> None:
+        pipeline_cls.save_lora_weights(str(tmp.parent), weight_name=tmp.name, safe_serialization=True, **kwargs)
+
+    path = atomic_write(output_dir / LORA_FILE, write)
+    loaded = load_file(str(path))
+    expected = {f"{c}.{k}" for c, state in layers.items() for k in state}
+    if set(loaded) != expected:
+        raise PersonalizeError(f"{path} did not read back with the expected keys")
+    return path
+
+
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+def to_kohya(layers: dict[str, dict], alphas: dict[str, float], sdxl: bool) -> dict[str, torch.Tensor]:
+    """peft keys -> kohya keys: module path with '_' instead of '.', lora_down/lora_up, one alpha per module."""
+    out = {}
+    for component, state in layers.items():
+        prefix = "lora_te1" if sdxl and component == "text_encoder" else KOHYA_PREFIX[component]
+        for key, value in state.items():
+            match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+            if match is None:
+                continue
+            module, which = match.groups()
+            if component.startswith("text_encoder") and not module.startswith("text_model."):
+                module = "text_model." + module  # transformers 5.x dropped this level; kohya names keep it
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.lora_{'down' if which == 'A' else 'up'}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(alphas[component]))
+    return out
+
+
+def save_kohya_lora(path: Path, layers: dict[str, dict], alphas: dict[str, float], sdxl: bool, meta: dict) -> Path:
+    tensors = to_kohya(layers, alphas, sdxl)
+    return save_safetensors(path, tensors, {k: str(v) for k, v in meta.items()})

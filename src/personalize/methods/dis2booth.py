@@ -1,0 +1,255 @@
+"""Dis²Booth (papers/dis2booth.md): learn a varied distribution with an Anchor LoRA and a Delta LoRA.
+
+    eq. 4     W = W0 + α·ΔW_a + β·ΔW_d                           (α = β = 0.5)
+    eq. 7-9   ℓ_con   = 1/l Σ_k 1/(hw) Σ_i min_j (1 − |cos(f_i^c, f_j^k)|)     anchor feature vs anchor queue
+    eq. 10-11 ℓ_delta = 1/l Σ_k D(F_d^c, F_d^k),  D = |cos| if |cos| ≥ m else 0   delta feature vs delta queue
+    eq. 13-14 ℓ = ℓ_LDM + λ·ℓ_con + γ·ℓ_delta                     (λ = 1e-5, γ = 1e-6)
+    Alg. 1    per iteration: one anchor sub-step (ℓ_LDM + λ·ℓ_con), then k delta sub-steps (ℓ_LDM + γ·ℓ_delta), k = 5
+
+There is no public code; every choice the paper leaves open is made here, and listed:
+
+1. Warm-up and split. The first `--warmup-steps` train one LoRA (rank 64 default, as the paper) with ℓ_LDM: it is
+   the Anchor adapter at weight 1 while the Delta adapter is zero. At the switch both adapters are set to the
+   warm-up LoRA divided by (α+β), so α·ΔW_a + β·ΔW_d equals the warm-up LoRA exactly: the model's output does not
+   jump. Disentanglement then comes from the two losses alone.
+2. Sub-steps update only their own adapter: the anchor sub-step descends ℓ_LDM + λ·ℓ_con w.r.t. the Anchor LoRA
+   only, the delta sub-step ℓ_LDM + γ·ℓ_delta w.r.t. the Delta LoRA only (the trainer switches requires_grad per
+   sub-step, after any peft call that could re-enable it). Algorithm 1's separate ℓ_LDM step on both adapters is
+   folded into these two, which keeps the per-iteration cost at 1 + k UNet passes.
+3. Features. A module's "feature" is the output of its LoRA branch (B·A·x, before scaling) at the self-attention
+   output projections (`attn1.to_out.0`) of the blocks named by `--feature-blocks` (default: the mid block, the
+   lowest resolution, where features are most semantic and cheapest). Tokens are spatial positions; maps are
+   average-pooled to at most `--max-feature-positions` (default 256 = 16×16) so the pairwise cost of ℓ_con stays
+   B·l·256² (at SDXL 1024 px an unpooled 128×128 map would be 268M pairs per queued item). Several modules: the
+   losses are averaged over modules. Only instance rows are used (not prior-preservation class rows).
+4. Queues. Length l (`--queue-length`, default 16) of detached per-image features; an anchor sub-step pushes its
+   anchor features to Q_a, a delta sub-step its delta features to Q_d, after the loss (so the current feature is
+   never compared with itself). Empty queue: the term is 0. Queues are checkpointed, so resume is exact.
+5. Cosine D_cos takes the absolute value (eq. 9); ℓ_delta flattens each map into one vector; m = 0.5 by default.
+6. Text encoders stay frozen (as in the paper).
+Export: one fused LoRA of rank 2r, exact (B = [α·s·B_a, β·s·B_d], A = [A_a; A_d], scale 1), plus the two parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PersonalizeError
+from ..lora import adapter_state, scaling, set_adapter_state
+from .base import Batch
+from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig, _json_safe, save_lora_files
+
+
+@dataclass
+class Dis2BoothConfig(DreamBoothLoraConfig):
+    rank: int = field(default=64, metadata={"help": "LoRA rank of the warm-up LoRA and of each of Anchor and Delta"})
+    anchor_weight: float = field(default=0.5, metadata={"help": "α of eq. 4"})
+    delta_weight: float = field(default=0.5, metadata={"help": "β of eq. 4"})
+    warmup_steps: int = field(default=200, metadata={"help": "steps of single-LoRA fine-tuning before the split"})
+    delta_steps: int = field(default=5, metadata={"help": "k: delta sub-steps per anchor sub-step (Algorithm 1)"})
+    contextual_loss_weight: float = field(default=1e-5, metadata={"help": "λ of eq. 14"})
+    delta_loss_weight: float = field(default=1e-6, metadata={"help": "γ of eq. 14"})
+    delta_margin: float = field(default=0.5, metadata={"help": "m of eq. 10"})
+    queue_length: int = field(default=16, metadata={"help": "l: features kept in each queue"})
+    feature_blocks: list[str] = field(default_factory=lambda: ["mid_block"], metadata={"help": "UNet blocks whose attn1.to_out.0 LoRA outputs are the features"})
+    max_feature_positions: int = field(default=256, metadata={"help": "pool feature maps to at most this many positions"})
+    contextual_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_con"})
+    delta_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_delta"})
+    synchronous: bool = field(default=False, metadata={"help": "ablation: one sub-step updating both adapters with ℓ_LDM + λℓ_con + γℓ_delta"})
+
+
+def contextual_loss(current: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    """eq. 7-9: current [B, P, c], queue [l, Q, c] -> mean over b, k, i of min_j (1 − |cos(f_bi, q_kj)|)."""
+    a, q = F.normalize(current.float(), dim=-1), F.normalize(queue.float(), dim=-1)
+    similarity = torch.einsum("bic,kjc->bkij", a, q).abs()
+    return (1 - similarity.amax(dim=-1)).mean()
+
+
+def delta_loss(current: torch.Tensor, queue: torch.Tensor, margin: float) -> torch.Tensor:
+    """eq. 10-11: mean over b, k of |cos(F_b, Q_k)| where it is ≥ m, else 0 (each map flattened to one vector)."""
+    cos = (F.normalize(current.flatten(1).float(), dim=-1) @ F.normalize(queue.flatten(1).float(), dim=-1).T).abs()
+    return torch.where(cos >= margin, cos, torch.zeros_like(cos)).mean()
+
+
+def pool_positions(feature: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """[B, N, c] with N = h·w square positions -> [B, ≤max_positions, c] by average pooling."""
+    b, n, c = feature.shape
+    side = math.isqrt(n)
+    if side * side != n or n <= max_positions:
+        return feature
+    target = max(1, math.isqrt(max_positions))
+    grid = feature.transpose(1, 2).reshape(b, c, side, side)
+    return F.adaptive_avg_pool2d(grid, target).flatten(2).transpose(1, 2)
+
+
+class FeatureQueue:
+    """A FIFO of at most `length` detached feature maps [P, c]."""
+
+    def __init__(self, length: int):
+        self.length, self.items = length, []
+
+    def push(self, features: torch.Tensor) -> None:
+        self.items.extend(features.detach().unbind(0))
+        del self.items[: max(0, len(self.items) - self.length)]
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.stack(self.items) if self.items else None
+
+
+class Dis2Booth(DreamBoothLora):
+    name = "dis2booth"
+    config_class = Dis2BoothConfig
+    default_steps = 500
+    default_lr = 1e-4
+    adapters = ("anchor", "delta")
+
+    def __init__(self, config: Dis2BoothConfig, backbone, captions=None):
+        if config.train_text_encoder:
+            raise PersonalizeError("dis2booth trains UNet LoRA only (the paper keeps the text encoders frozen)")
+        if config.anchor_weight + config.delta_weight <= 0:
+            raise PersonalizeError("--anchor-weight + --delta-weight must be positive")
+        super().__init__(config, backbone, captions)
+        self.unet = backbone.unet
+        self.register_buffer("split_done", torch.zeros(()))  # checkpointed through extra_state
+        self.queues: dict[str, FeatureQueue] = {}  # "anchor_0", "delta_0", ...: one per adapter and hooked module
+        self._features: dict[str, list[torch.Tensor]] = {a: [] for a in self.adapters}
+        self._hook_feature_modules()
+        self._apply_weights()
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def _apply_weights(self) -> None:
+        weights = [self.config.anchor_weight, self.config.delta_weight] if self.split_done.item() else [1.0, 0.0]
+        self.unet.set_adapters(list(self.adapters), weights=weights)
+
+    def _split(self) -> None:
+        """Choice 1: Anchor = Delta = warm-up LoRA / (α+β), so α·ΔW_a + β·ΔW_d = warm-up LoRA."""
+        total = self.config.anchor_weight + self.config.delta_weight
+        warm = adapter_state(self.unet, "anchor")
+        shared = {k: v / total if ".lora_B." in k else v for k, v in warm.items()}
+        for adapter in self.adapters:
+            set_adapter_state(self.unet, adapter, shared)
+        with torch.no_grad():
+            self.split_done.fill_(1.0)
+        self._apply_weights()
+
+    def _group_params(self, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for k, p in self.lora_params.items() if k.startswith(f"{adapter}__")]
+
+    def param_groups(self):
+        groups = {"warmup": self._group_params("anchor"), "anchor": self._group_params("anchor"), "delta": self._group_params("delta")}
+        if self.config.synchronous:
+            groups["both"] = self._group_params("anchor") + self._group_params("delta")
+        return groups
+
+    def schedule(self, step: int) -> list[str]:
+        if step < self.config.warmup_steps:
+            return ["warmup"]
+        if self.config.synchronous:
+            return ["both"]
+        return ["anchor"] + ["delta"] * self.config.delta_steps
+
+    # -- features ----------------------------------------------------------------------------------------------
+    def _hook_feature_modules(self) -> None:
+        found = 0
+        for name, module in self.unet.named_modules():
+            if not name.endswith("attn1.to_out.0") or not any(name.startswith(b) for b in self.config.feature_blocks):
+                continue
+            for adapter in self.adapters:
+                module.lora_B[adapter].register_forward_hook(self._recorder(adapter))
+            found += 1
+        if not found:
+            raise PersonalizeError(f"--feature-blocks {self.config.feature_blocks}: no attn1.to_out.0 LoRA module in those UNet blocks")
+
+    def _recorder(self, adapter: str):
+        def hook(module, inputs, output):
+            if self.training_features:
+                self._features[adapter].append(output)
+        return hook
+
+    training_features = False
+
+    def _feature_losses(self, adapter: str, n: int) -> torch.Tensor:
+        """ℓ_con (anchor) or ℓ_delta (delta), averaged over hooked modules; then push the current features."""
+        losses, cfg = [], self.config
+        for i, feature in enumerate(self._features[adapter]):
+            feature = pool_positions(feature[:n], cfg.max_feature_positions)
+            queue = self.queues.setdefault(f"{adapter}_{i}", FeatureQueue(cfg.queue_length))
+            queued = queue.tensor()
+            if queued is not None:
+                losses.append(contextual_loss(feature, queued) if adapter == "anchor" else delta_loss(feature, queued, cfg.delta_margin))
+            queue.push(feature)  # after the loss: the current feature is never compared with itself
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.split_done.device)
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def loss(self, batch: Batch, group: str):
+        if group != "warmup" and not self.split_done.item():
+            self._split()
+        self._features = {a: [] for a in self.adapters}
+        self.training_features = group != "warmup"
+        try:
+            ldm, _ = self.ldm_loss(batch)
+        finally:
+            self.training_features = False
+        if group == "warmup":
+            return ldm, {"loss": ldm.item()}
+        n, cfg = len(batch.latents), self.config
+        logs = {"ldm": ldm.item()}
+        total = ldm
+        if group in ("anchor", "both") and cfg.contextual_loss:
+            con = self._feature_losses("anchor", n)
+            total = total + cfg.contextual_loss_weight * con
+            logs["con"] = con.item()
+        if group in ("delta", "both") and cfg.delta_loss:
+            dl = self._feature_losses("delta", n)
+            total = total + cfg.delta_loss_weight * dl
+            logs["delta"] = dl.item()
+        return total, logs
+
+    # -- checkpoint state beyond parameters ---------------------------------------------------------------------
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        state = {f"queue.{k}": q.tensor().cpu() for k, q in self.queues.items() if q.items}
+        return {**state, "split_done": self.split_done.cpu()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.split_done.device
+        self.split_done.copy_(state["split_done"])
+        self.queues = {}
+        for key, value in state.items():
+            if key.startswith("queue."):
+                queue = self.queues[key[len("queue."):]] = FeatureQueue(self.config.queue_length)
+                queue.items = list(value.to(device).unbind(0))
+        self._apply_weights()
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def fused_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """α·ΔW_a + β·ΔW_d as one LoRA of rank 2r, exactly: B = [α s_a B_a, β s_d B_d], A = [A_a; A_d], scale 1."""
+        cfg = self.config
+        anchor, delta = adapter_state(self.unet, "anchor"), adapter_state(self.unet, "delta")
+        weight_a = cfg.anchor_weight * scaling(self.unet, "anchor")
+        weight_d = cfg.delta_weight * scaling(self.unet, "delta")
+        fused = {}
+        for key in anchor:
+            if ".lora_A." in key:
+                fused[key] = torch.cat([anchor[key], delta[key]], dim=0)
+            else:
+                fused[key] = torch.cat([weight_a * anchor[key], weight_d * delta[key]], dim=1)
+        return fused, 2 * cfg.rank
+
+    def save(self, output_dir: Path, step: int) -> list[Path]:
+        output_dir = Path(output_dir)
+        fused, rank = self.fused_state()
+        meta = _json_safe(self.unet.peft_config["anchor"].to_dict())
+        fused_meta = {**meta, "r": rank, "lora_alpha": rank}
+        files = save_lora_files(self.backbone, output_dir, {"unet": fused}, {"unet": fused_meta}, {"unet": rank},
+                                step=step, stem=self.config.token)
+        for adapter in self.adapters:  # the two parts, to recombine with set_adapters([...], [α, β])
+            config = self.unet.peft_config[adapter]
+            files += save_lora_files(self.backbone, output_dir / adapter, {"unet": adapter_state(self.unet, adapter)},
+                                     {"unet": _json_safe(config.to_dict())}, {"unet": config.lora_alpha},
+                                     step=step, stem=f"{self.config.token}-{adapter}")
+        return files
