@@ -169,3 +169,30 @@ def test_class_word_is_required(tmp_path, capsys):
     assert cli.main(["train", "--method", "dreambooth-lora", "--images", str(EXAMPLE_IMAGES), "--output",
                      str(tmp_path), "--steps", "1"]) == 2
     assert "--class-word is required" in capsys.readouterr().err
+
+
+def test_generate_loads_run_folders_with_per_concept_scales(tmp_path):
+    from personalize.generate import generate_images, install_concept
+
+    for i, name in enumerate(["a", "b"]):
+        backbone = load_backbone("tiny")
+        backbone.freeze()
+        method = DreamBoothLora(DreamBoothLoraConfig(class_word="cat", token=f"sks{name}"), backbone)
+        with torch.no_grad():
+            for p in method.lora_params.values():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.2)
+        method.save(tmp_path / name, step=1)
+
+    def images(*concepts):
+        backbone = load_backbone("tiny")
+        for path, scale in concepts:
+            install_concept(backbone, path, lora_scale=scale)
+        return torch.tensor(__import__("numpy").asarray(generate_images(backbone, ["a cat"], [0], steps=2)[0]), dtype=torch.float)
+
+    base = images()
+    assert torch.equal(images((tmp_path / "a", 0.0)), base)  # scale 0: no effect
+    only_a, only_b = images((tmp_path / "a", 1.0)), images((tmp_path / "b", 1.0))
+    both = images((tmp_path / "a", 1.0), (tmp_path / "b", 1.0))
+    assert not torch.equal(only_a, base) and not torch.equal(both, only_a) and not torch.equal(both, only_b)
+    with pytest.raises(Exception, match="neither"):
+        install_concept(load_backbone("tiny"), tmp_path)

@@ -123,7 +123,8 @@ def cmd_generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
     p.add_argument("--model", "--pretrained_model_name_or_path", default="tiny", help="base model the concepts were trained on")
     p.add_argument("--model-config", default=None, help="diffusers folder with the configs of a single-file checkpoint")
-    p.add_argument("--concept", action="append", default=[], help="embedding file or run folder (repeatable)")
+    p.add_argument("--concept", action="append", default=[], help="run folder, embedding file or LoRA file (repeatable)")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of each --concept's LoRA, in order (default 1)")
     p.add_argument("--prompt", action="append", required=True, help="prompt using the concept's token (repeatable)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
@@ -134,8 +135,9 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
     a = p.parse_args(argv)
     backbone = load_backbone(a.model, model_config=a.model_config)
-    for concept in a.concept:
-        print(f"concept {install_concept(backbone, concept)} from {concept}")
+    scales = a.lora_scale + [1.0] * (len(a.concept) - len(a.lora_scale))
+    for concept, scale in zip(a.concept, scales):
+        print(f"loaded {install_concept(backbone, concept, lora_scale=scale)} from {concept}")
     seeds = [a.seed + i for i in range(a.num_images)]
     images = generate_images(backbone, a.prompt, seeds, steps=a.steps, guidance=a.guidance,
                              resolution=a.resolution, negative_prompt=a.negative_prompt)

@@ -7,6 +7,7 @@ generate` draws.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,11 +15,57 @@ from PIL import Image
 
 from .concepts import FixedVectors, add_placeholder_tokens, concept_embedding
 from .errors import PersonalizeError
-from .export import atomic_write, load_embedding_file
+from .export import EMBEDDINGS_FILE, atomic_write, load_embedding_file
+from .lora import LORA_FILE
 
 
-def install_concept(backbone, path: str | Path, token: str | None = None) -> str:
-    """Load an embedding file (or a run's folder) into the backbone; return the placeholder to use in prompts."""
+def install_concept(backbone, path: str | Path, token: str | None = None, lora_scale: float = 1.0) -> str:
+    """Load a run's folder (its embedding and/or LoRA) or one file into the backbone; return what was loaded.
+
+    LoRAs get adapter names `concept_0`, `concept_1`, ... and are combined with their own scales, so concepts
+    trained separately compose in one prompt.
+    """
+    path = Path(path)
+    loaded = []
+    embedding = path / EMBEDDINGS_FILE if path.is_dir() else (None if is_lora_file(path) else path)
+    lora = path / LORA_FILE if path.is_dir() else (path if is_lora_file(path) else None)
+    if embedding is not None and (embedding.exists() or not path.is_dir()):
+        loaded.append(_install_embedding(backbone, embedding, token))
+    if lora is not None and lora.exists():
+        loaded.append(_install_lora(backbone, lora, lora_scale))
+    if not loaded:
+        raise PersonalizeError(f"{path} holds neither {EMBEDDINGS_FILE} nor {LORA_FILE}: is it a personalize run folder?")
+    return ", ".join(loaded)
+
+
+def is_lora_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any("lora_A" in k or "lora_down" in k for k in f.keys())
+    except Exception:  # noqa: BLE001 - not readable as safetensors: let the embedding reader name the problem
+        return False
+
+
+def _install_lora(backbone, path: Path, scale: float) -> str:
+    pipe = backbone.pipe
+    names = [n for names in pipe.get_list_adapters().values() for n in names] if hasattr(pipe, "get_list_adapters") else []
+    name = f"concept_{len(set(names))}"
+    try:
+        with warnings.catch_warnings():  # peft warns on every adapter after the first: composing is the point
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            pipe.load_lora_weights(str(path), adapter_name=name)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a LoRA of another model
+        raise PersonalizeError(f"{path}: this LoRA does not fit {backbone.name} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    backbone.lora_scales = {**getattr(backbone, "lora_scales", {}), name: scale}
+    pipe.set_adapters(list(backbone.lora_scales), adapter_weights=list(backbone.lora_scales.values()))
+    return f"LoRA {path.name} (scale {scale})"
+
+
+def _install_embedding(backbone, path: Path, token: str | None) -> str:
     token, vectors = load_embedding_file(path, token)
     if len(vectors) != len(backbone.text_encoders):
         raise PersonalizeError(
