@@ -3,7 +3,8 @@
 A concept is a placeholder word (`<concept>`) added to a tokenizer, with `n` vectors: `<concept>`, `<concept>_1`,
 ... `<concept>_{n-1}` (diffusers' own multi-vector naming, so its pipelines expand the prompt the same way).
 Where its vectors come from is the method's business: a free parameter (Textual Inversion), `w @ basis` (BaTex),
-an image encoder's output (SingleInsert). Every such source is an `nn.Module` whose `forward()` returns `[n, d]`.
+an image encoder's output (SingleInsert). Every such source is an `nn.Module` whose `forward()` returns `[n, d]`
+(the same vectors for every prompt of the batch) or `[B, n, d]` (one set per prompt row, e.g. per training image).
 
 `ConceptEmbedding` replaces the text encoder's input-embedding module (through transformers' public
 `get_input_embeddings` / `set_input_embeddings`, never by patching transformers). Its forward looks every id up
@@ -105,21 +106,27 @@ class ConceptEmbedding(nn.Module):
         embeds = self.base(torch.where(input_ids < vocab, input_ids, torch.zeros_like(input_ids)))
         if not self.concepts:
             return embeds
+        batch = input_ids.shape[0]
         table, slot_of_id = [], {}
         for name, source in self.concepts.items():
-            vectors = source()
+            vectors = source()  # [n, d] shared by every row, or [B, n, d] per row (an image encoder's output)
+            if vectors.dim() == 2:
+                vectors = vectors.unsqueeze(0).expand(batch, -1, -1)
+            elif vectors.shape[0] != batch:
+                raise ValueError(f"concept {name!r} gives vectors for {vectors.shape[0]} rows, the prompt batch has {batch}")
             first = self._first_ids[name]
-            for i in range(vectors.shape[0]):
-                slot_of_id[first + i] = len(table) + i
+            offset = sum(t.shape[1] for t in table)
+            for i in range(vectors.shape[1]):
+                slot_of_id[first + i] = offset + i
             table.append(vectors.to(embeds.dtype))
-        table = torch.cat(table)  # [K, d], every concept's vectors
+        table = torch.cat(table, dim=1)  # [B, K, d]: every concept's vectors, per row
         lookup = torch.full((max(slot_of_id) + 1,), -1, dtype=torch.long, device=input_ids.device)
         lookup[torch.tensor(list(slot_of_id), device=input_ids.device)] = torch.tensor(
             list(slot_of_id.values()), device=input_ids.device
         )
         slots = lookup[input_ids.clamp(max=lookup.numel() - 1)]
         slots = torch.where(input_ids < lookup.numel(), slots, torch.full_like(slots, -1))
-        injected = table[slots.clamp(min=0)]
+        injected = torch.gather(table, 1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, table.shape[-1]))
         return torch.where((slots >= 0).unsqueeze(-1), injected, embeds)
 
 

@@ -42,6 +42,7 @@ class TrainImage:
     path: Path
     pixels: torch.Tensor  # float32 [3, R, R] in [-1, 1]
     caption: str | None  # text of NAME.txt beside the image, stripped; None when there is none or it is blank
+    mask: torch.Tensor | None = None  # float32 [1, R, R] of 0/1 (foreground = 1), when masks were asked for
 
 
 # --------------------------------------------------------------------------------------------- one image
@@ -169,6 +170,48 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+# --------------------------------------------------------------------------------------------- masks
+
+MASK_THRESHOLD = 128  # a mask pixel is foreground when its 8-bit gray value is at least this (i.e. ≥ 50 %)
+
+
+def find_mask(image_path: Path, masks_dir: str | Path | None = None) -> Path:
+    """`NAME.mask.<ext>` beside `NAME.<ext>`, or `NAME.<ext>` (same stem) in `masks_dir`."""
+    candidates = [image_path.with_name(f"{image_path.stem}{MASK_SUFFIX}{ext}") for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
+    if masks_dir is not None:
+        candidates = [Path(masks_dir) / f"{image_path.stem}{ext}" for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f"{masks_dir}/{image_path.stem}.png" if masks_dir is not None else f"{candidates[0]}"
+    raise PersonalizeError(
+        f"{image_path} has no foreground mask: expected {where} (white = the concept), "
+        "or make one with `personalize mask`"
+    )
+
+
+def load_mask(path: Path, image_size: tuple[int, int], resolution: int, log=_LOG) -> torch.Tensor:
+    """A mask file -> float32 [1, R, R] of 0/1, cropped exactly like its image.
+
+    Any mode is read as gray (alpha-only masks: their alpha), binarised at MASK_THRESHOLD. A mask of another size
+    than its image is resized to it (nearest) with a warning. A mask with no foreground, or nothing else, is refused.
+    """
+    image = _high_depth_to_8bit(_decode(path))
+    gray = image.convert("L")
+    if image.mode in ("RGBA", "LA") and gray.getextrema()[0] == gray.getextrema()[1]:
+        gray = image.getchannel("A")  # a cut-out saved as transparency: the alpha channel is the mask
+    binary = gray.point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    if binary.size != image_size:
+        log.warning("%s is %dx%d but its image is %dx%d: resized to the image (nearest)", path, *binary.size, *image_size)
+        binary = binary.resize(image_size, Image.Resampling.NEAREST)
+    mask = (to_training_tensor(binary.convert("RGB"), resolution)[:1] > 0).float()
+    if mask.sum() == 0:
+        raise PersonalizeError(f"{path}: the mask has no foreground (white) pixels at {resolution}px: nothing to learn")
+    if mask.sum() == mask.numel():
+        raise PersonalizeError(f"{path}: the mask covers the whole image: nothing to separate from the background")
+    return mask
+
+
 # --------------------------------------------------------------------------------------------- a folder
 
 
@@ -221,6 +264,8 @@ def load_image_folder(
     resolution: int,
     *,
     log: logging.Logger | logging.LoggerAdapter = _LOG,
+    masks: bool = False,
+    masks_dir: str | Path | None = None,
 ) -> list[TrainImage]:
     """Load every image directly inside `folder` (not recursive), sorted by file name so runs are reproducible.
 
@@ -231,6 +276,8 @@ def load_image_folder(
     Skipped: hidden files, captions (`.txt`) and masks (`NAME.mask.png`) silently; other non-image files and
     subfolders with one `log.info` line each. Images whose shorter side is below `resolution` are upscaled, with a
     `log.warning` naming each.
+
+    With `masks=True` each image also gets its foreground mask (`find_mask`, `load_mask`), cropped like it.
 
     Raises PersonalizeError when the folder is missing or not a folder, when it holds no image, or when any image
     cannot be decoded (all undecodable files are named at once, so they can be fixed in one go).
@@ -260,7 +307,8 @@ def load_image_folder(
                 "%s is only %dx%d, smaller than the training resolution %d: it will be upscaled (and look soft)",
                 path, image.width, image.height, resolution,
             )
-        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path)))
+        mask = load_mask(find_mask(path, masks_dir), image.size, resolution, log) if masks else None
+        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path), mask))
     if len(failures) == 1:
         raise PersonalizeError(failures[0])
     if failures:

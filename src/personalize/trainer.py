@@ -175,26 +175,31 @@ def _find_resume(output: Path, resume: str) -> Path | None:
 
 
 class LatentCache:
-    """Each training image (and its mirror) encoded once; a batch samples z = mean + std·ε from the cache."""
+    """Each training image (and its mirror) encoded once; a batch samples z = mean + std·ε from the cache.
 
-    def __init__(self, backbone, pixels: torch.Tensor, flip: bool, device):
+    Foreground masks, when given, are kept at the latent grid (area-averaged, so edge cells are fractional) and
+    mirrored with their images.
+    """
+
+    def __init__(self, backbone, pixels: torch.Tensor, flip: bool, device, masks: torch.Tensor | None = None):
         if flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
+            masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
         means, stds = zip(*(backbone.encode_images(chunk) for chunk in pixels.split(8)))
         self.mean, self.std = torch.cat(means).to(device), torch.cat(stds).to(device)
+        self.masks = None
+        if masks is not None:
+            self.masks = torch.nn.functional.interpolate(masks.float(), size=self.mean.shape[-2:], mode="area").to(device)
         self.num_images = len(pixels) // (2 if flip else 1)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = torch.randint(0, len(self.mean), (batch_size,), generator=generator)
         eps = torch.randn(self.mean[rows].shape, generator=generator).to(self.mean.device)
-        return self.mean[rows] + self.std[rows] * eps, rows % self.num_images
+        masks = self.masks[rows.to(self.masks.device)] if self.masks is not None else None
+        return self.mean[rows] + self.std[rows] * eps, rows % self.num_images, masks
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
-
-
-def build_method(cfg: TrainConfig, method_cfg, backbone, captions: list[str | None]) -> Method:
-    return METHODS[cfg.method](method_cfg, backbone, captions=captions)
 
 
 def class_image_cache(cfg: TrainConfig, method_cfg, backbone, output: Path, resolution: int, device):
@@ -246,18 +251,23 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     backbone.freeze()
     backbone.to(device, weight_dtype)
     resolution = cfg.resolution or backbone.default_resolution
-    images = load_image_folder(cfg.images, resolution) if cfg.images else _missing_images()
-    cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device)
+    method_cls = METHODS[cfg.method]
+    if not cfg.images:
+        raise PersonalizeError("--images is required: a folder with a few images of the concept")
+    images = load_image_folder(cfg.images, resolution, masks=method_cls.needs_masks, masks_dir=getattr(method_cfg, "masks", None))
+    masks = torch.stack([im.mask for im in images]) if method_cls.needs_masks else None
+    cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device, masks)
     class_cache = class_image_cache(cfg, method_cfg, backbone, output, resolution, device)
 
-    method = build_method(cfg, method_cfg, backbone, [im.caption for im in images]).to(device)
+    method = method_cls(method_cfg, backbone, captions=[im.caption for im in images], images=torch.stack([im.pixels for im in images])).to(device)
     steps = cfg.steps or method.default_steps
     lr = (cfg.lr or method.default_lr) * (cfg.batch_size * accelerator.num_processes if cfg.scale_lr else 1)
     weight_decay = getattr(method_cfg, "weight_decay", 0.0)
     optimizers, schedulers = {}, {}
     groups = method.param_groups()
+    rates = method.learning_rates(lr)
     for group, params in groups.items():
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=rates.get(group, lr), weight_decay=weight_decay)
         warmup = max(cfg.lr_warmup_steps, 1)
         schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         optimizers[group] = accelerator.prepare_optimizer(optimizer)
@@ -279,10 +289,10 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     for step in range(start, steps):
         for group in method.schedule(step):
             _train_only(method, group, groups)
-            latents, rows = cache.sample(cfg.batch_size, generator)
+            latents, rows, masks = cache.sample(cfg.batch_size, generator)
             class_latents = class_cache.sample(cfg.batch_size, generator)[0] if class_cache else None
             with accelerator.autocast():
-                loss, group_logs = method.loss(Batch(latents, rows, generator, class_latents), group)
+                loss, group_logs = method.loss(Batch(latents, rows, generator, class_latents, masks), group)
             if not torch.isfinite(loss):
                 raise PersonalizeError(
                     f"the loss became {loss.item()} at step {step + 1}; try a lower --lr, --mixed-precision no "
@@ -316,10 +326,6 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
             log.info("wrote %s", f)
     accelerator.end_training()
     return output
-
-
-def _missing_images():
-    raise PersonalizeError("--images is required: a folder with a few images of the concept")
 
 
 def _average_gradients(accelerator, optimizer) -> None:

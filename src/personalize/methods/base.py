@@ -23,6 +23,7 @@ class Batch:
     image_indices: torch.Tensor  # [B] which training image each row comes from
     generator: torch.Generator  # the run's generator: every random draw goes through it, so resume is exact
     class_latents: torch.Tensor | None = None  # prior-preservation class images, when the method asks for them
+    masks: torch.Tensor | None = None  # [B, 1, h, w] foreground masks at the latent grid, when the method needs them
 
 
 class Method(nn.Module):
@@ -32,10 +33,15 @@ class Method(nn.Module):
     config_class: type = object
     default_steps: int = 1000
     default_lr: float = 1e-4
+    needs_masks: bool = False  # the trainer loads a foreground mask per image (SingleInsert)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group name; each group gets its own optimiser."""
         return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+    def learning_rates(self, lr: float) -> dict[str, float]:
+        """Per-group learning rate, given the run's (scaled) one; groups not named use `lr`."""
+        return {}
 
     def schedule(self, step: int) -> list[str]:
         """Groups that take a sub-step at `step`, in order (one optimiser step each)."""

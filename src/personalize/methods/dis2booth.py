@@ -108,12 +108,12 @@ class Dis2Booth(DreamBoothLora):
     default_lr = 1e-4
     adapters = ("anchor", "delta")
 
-    def __init__(self, config: Dis2BoothConfig, backbone, captions=None):
+    def __init__(self, config: Dis2BoothConfig, backbone, captions=None, images=None):
         if config.train_text_encoder:
             raise PersonalizeError("dis2booth trains UNet LoRA only (the paper keeps the text encoders frozen)")
         if config.anchor_weight + config.delta_weight <= 0:
             raise PersonalizeError("--anchor-weight + --delta-weight must be positive")
-        super().__init__(config, backbone, captions)
+        super().__init__(config, backbone, captions, images)
         self.unet = backbone.unet
         self.register_buffer("split_done", torch.zeros(()))  # checkpointed through extra_state
         self.queues: dict[str, FeatureQueue] = {}  # "anchor_0", "delta_0", ...: one per adapter and hooked module

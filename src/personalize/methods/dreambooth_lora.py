@@ -54,7 +54,7 @@ class DreamBoothLora(Method):
     default_lr = 1e-4
     adapters: tuple[str, ...] = ("default",)
 
-    def __init__(self, config: DreamBoothLoraConfig, backbone, captions: list[str | None] | None = None):
+    def __init__(self, config: DreamBoothLoraConfig, backbone, captions: list[str | None] | None = None, images=None):
         super().__init__()
         if not config.class_word or len(config.class_word.split()) != 1:
             raise PersonalizeError("--class-word is required: one word for what the images show, e.g. --class-word dog")

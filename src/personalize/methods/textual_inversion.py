@@ -67,7 +67,7 @@ class TextualInversion(Method):
     default_steps = 3000
     default_lr = 5e-4
 
-    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None):
+    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None, images=None):
         super().__init__()
         if not config.init_word:
             raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat")
