@@ -4,11 +4,12 @@ from .base import Batch, Method
 from .batex import Batex, BatexConfig
 from .dis2booth import Dis2Booth, Dis2BoothConfig
 from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig
+from .singleinsert import SingleInsert, SingleInsertConfig
 from .textual_inversion import TextualInversion, TextualInversionConfig
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Batex, DreamBoothLora, Dis2Booth)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Batex, DreamBoothLora, Dis2Booth, SingleInsert)}
 
 __all__ = [
     "METHODS", "Batch", "Method", "Batex", "BatexConfig", "Dis2Booth", "Dis2BoothConfig", "DreamBoothLora",
-    "DreamBoothLoraConfig", "TextualInversion", "TextualInversionConfig",
+    "DreamBoothLoraConfig", "SingleInsert", "SingleInsertConfig", "TextualInversion", "TextualInversionConfig",
 ]
