@@ -195,3 +195,21 @@ def test_class_word_must_be_one_token(tmp_path, capsys):
     args[args.index("cat")] = "zzqxj"
     assert cli.main(args) == 2
     assert "not one token" in capsys.readouterr().err
+
+
+def test_mask_command_fails_fast_without_weights_and_writes_masks_where_training_finds_them(tmp_path, capsys):
+    import time
+
+    import numpy as np
+
+    from personalize.masking import save_mask
+
+    folder = one_image_folder(tmp_path / "img", mask=None)
+    start = time.monotonic()
+    assert cli.main(["mask", "--images", str(folder), "--class-word", "cat", "--sam", "/nowhere"]) == 2
+    assert "--grounding-dino is required" in capsys.readouterr().err and time.monotonic() - start < 5
+    image = Image.open(folder / "cat.jpg")
+    mask = np.zeros(image.size[::-1], dtype=bool)
+    mask[10:60, 20:90] = True
+    save_mask(mask, folder / "cat.jpg")
+    assert load_image_folder(folder, 32, masks=True)[0].mask.sum() > 0

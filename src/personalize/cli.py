@@ -149,7 +149,24 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_mask(argv: list[str]) -> int:
+    from .masking import make_masks
+
+    p = argparse.ArgumentParser(prog="personalize mask", description="Foreground masks (NAME.mask.png) with GroundingDINO + SAM.")
+    p.add_argument("--images", required=True, help="folder of images; masks are written beside them")
+    p.add_argument("--class-word", required=True, help="what to segment, e.g. face")
+    p.add_argument("--grounding-dino", default=None, help="GroundingDINO folder or cached hub id (e.g. IDEA-Research/grounding-dino-tiny)")
+    p.add_argument("--sam", default=None, help="SAM folder or cached hub id (e.g. facebook/sam-vit-base)")
+    p.add_argument("--box-threshold", type=float, default=0.3)
+    p.add_argument("--allow-download", action="store_true", help="let transformers fetch missing weights from the hub")
+    p.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    a = p.parse_args(argv)
+    written = make_masks(a.images, a.class_word, a.grounding_dino, a.sam, a.box_threshold, a.allow_download, a.overwrite)
+    print(f"wrote {len(written)} masks")
+    return 0
+
+
+VERBS = {"train": cmd_train, "generate": cmd_generate, "mask": cmd_mask}
 
 
 def _quiet_libraries() -> None:
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print("usage: personalize {train,generate} [options]   (personalize VERB --help for its options)")
+        print("usage: personalize {train,generate,mask} [options]   (personalize VERB --help for its options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()
