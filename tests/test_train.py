@@ -202,3 +202,24 @@ def test_validation_at_intervals_and_resume_of_a_finished_run_to_more_steps(tmp_
     run(base_args(tmp_path, "--steps", 6, "--validation-steps", 2, "--checkpointing-steps", 2, "--resume", "latest"))
     assert json.loads((tmp_path / "run.json").read_text())["step"] == 6
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # limit 2
+
+
+def test_sdxl_gets_each_images_size_and_crop_conditioning(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from personalize.backbone import Backbone
+    from personalize.data import load_image_folder
+    from personalize.trainer import sdxl_time_ids
+
+    Image.new("RGB", (90, 30), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "square.png")
+    images = load_image_folder(tmp_path, 32)
+    ids = sdxl_time_ids(images, 32, flip=True)
+    assert ids.tolist() == [[40, 40, 0, 0, 32, 32], [30, 90, 0, 32, 32, 32],  # square.png, wide.png (96 px wide)
+                            [40, 40, 0, 0, 32, 32], [30, 90, 0, 32, 32, 32]]  # mirrors: 96 − 32 − 32 = 32
+    seen = []
+    original = Backbone.unet_forward
+    monkeypatch.setattr(Backbone, "unet_forward", lambda self, *a, **k: seen.append(a[4] if len(a) > 4 else k.get("time_ids")) or original(self, *a, **k))
+    run(["--model", "tiny-xl", "--images", tmp_path, "--output", tmp_path / "o", "--init-word", "cat", "--steps", 1,
+         "--batch-size", 4, "--num-validation-images", 0])
+    assert {tuple(r) for r in seen[0].tolist()} <= {tuple(r) for r in ids.tolist()} and seen[0][:, 0].max() in (30, 40)

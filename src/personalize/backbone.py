@@ -106,13 +106,17 @@ class Backbone:
             return (noisy - sigma * model_output) / alpha
         return alpha * noisy - sigma * model_output
 
-    def unet_forward(self, noisy, timesteps, prompt_embeds, pooled=None, resolution: int | None = None):
-        """The UNet's prediction; for SDXL adds the pooled text and the size/crop time ids (no crop, square)."""
+    def default_time_ids(self, batch: int, size: int) -> torch.Tensor:
+        """SDXL's (original h, w, crop top, left, target h, w) for an uncropped square image: [batch, 6]."""
+        return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32).repeat(batch, 1)
+
+    def unet_forward(self, noisy, timesteps, prompt_embeds, pooled=None, time_ids: torch.Tensor | None = None):
+        """The UNet's prediction; for SDXL adds the pooled text and the size/crop time ids ([B, 6]; default: square)."""
         added = None
         if self.is_sdxl:
-            size = resolution or noisy.shape[-1] * self.vae_scale
-            time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=prompt_embeds.dtype, device=noisy.device)
-            added = {"text_embeds": pooled, "time_ids": time_ids.repeat(noisy.shape[0], 1)}
+            if time_ids is None:
+                time_ids = self.default_time_ids(noisy.shape[0], noisy.shape[-1] * self.vae_scale)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(noisy.device)}
         unet_dtype = self.unet.dtype
         return self.unet(
             noisy.to(unet_dtype),

@@ -43,6 +43,8 @@ class TrainImage:
     pixels: torch.Tensor  # float32 [3, R, R] in [-1, 1]
     caption: str | None  # text of NAME.txt beside the image, stripped; None when there is none or it is blank
     mask: torch.Tensor | None = None  # float32 [1, R, R] of 0/1 (foreground = 1), when masks were asked for
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the file: SDXL's size conditioning
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image: SDXL's crop conditioning
 
 
 # --------------------------------------------------------------------------------------------- one image
@@ -143,6 +145,13 @@ def load_rgb(path: Path) -> Image.Image:
         raise PersonalizeError(
             f"{path}: colour mode {image.mode!r} cannot be converted to RGB; save it as an 8-bit RGB PNG or JPEG"
         ) from exc
+
+
+def crop_top_left(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(top, left) of `to_training_tensor`'s centre crop, in the image resized to short side `resolution`."""
+    width, height = size
+    scale = resolution / min(width, height)
+    return round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)
 
 
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -308,7 +317,8 @@ def load_image_folder(
                 path, image.width, image.height, resolution,
             )
         mask = load_mask(find_mask(path, masks_dir), image.size, resolution, log) if masks else None
-        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path), mask))
+        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path), mask,
+                                 (image.height, image.width), crop_top_left(image.size, resolution)))
     if len(failures) == 1:
         raise PersonalizeError(failures[0])
     if failures:

@@ -28,12 +28,13 @@ def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: tor
     return noise, timesteps
 
 
-def denoise(backbone, latents: torch.Tensor, prompt_ids: list[torch.Tensor], generator: torch.Generator) -> DenoiseStep:
+def denoise(backbone, latents: torch.Tensor, prompt_ids: list[torch.Tensor], generator: torch.Generator,
+            time_ids: torch.Tensor | None = None) -> DenoiseStep:
     """Noise `latents` at random timesteps and predict with the UNet conditioned on `prompt_ids` (gradients flow)."""
     noise, timesteps = sample_noise(latents, backbone.noise_scheduler.config.num_train_timesteps, generator)
     noisy = backbone.add_noise(latents, noise, timesteps)
     prompt_embeds, pooled = backbone.encode_prompt(prompt_ids)
-    prediction = backbone.unet_forward(noisy, timesteps, prompt_embeds, pooled)
+    prediction = backbone.unet_forward(noisy, timesteps, prompt_embeds, pooled, time_ids)
     return DenoiseStep(latents, noise, timesteps, noisy, prediction, backbone.target(latents, noise, timesteps))
 
 

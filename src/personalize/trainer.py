@@ -181,10 +181,12 @@ class LatentCache:
     mirrored with their images.
     """
 
-    def __init__(self, backbone, pixels: torch.Tensor, flip: bool, device, masks: torch.Tensor | None = None):
+    def __init__(self, backbone, pixels: torch.Tensor, flip: bool, device, masks: torch.Tensor | None = None,
+                 time_ids: torch.Tensor | None = None):
         if flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
+        self.time_ids = time_ids.to(device) if time_ids is not None else None  # one row per cached row
         means, stds = zip(*(backbone.encode_images(chunk) for chunk in pixels.split(8)))
         self.mean, self.std = torch.cat(means).to(device), torch.cat(stds).to(device)
         self.masks = None
@@ -194,9 +196,26 @@ class LatentCache:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = torch.randint(0, len(self.mean), (batch_size,), generator=generator)
+        self.last_rows = rows
         eps = torch.randn(self.mean[rows].shape, generator=generator).to(self.mean.device)
         masks = self.masks[rows.to(self.masks.device)] if self.masks is not None else None
         return self.mean[rows] + self.std[rows] * eps, rows % self.num_images, masks
+
+    def time_ids_of(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return self.time_ids[rows.to(self.time_ids.device)] if self.time_ids is not None else None
+
+
+def sdxl_time_ids(images, resolution: int, flip: bool) -> torch.Tensor:
+    """SDXL's (original h, w, crop top, left, R, R) per cached row: each image, then (with flip) its mirror,
+    whose crop starts at resized width − left − R from its own left edge."""
+    rows, mirrored = [], []
+    for im in images:
+        h, w = im.original_size
+        top, left = im.crop_top_left
+        resized_width = round(w * resolution / min(h, w))
+        rows.append([h, w, top, left, resolution, resolution])
+        mirrored.append([h, w, top, resized_width - left - resolution, resolution, resolution])
+    return torch.tensor(rows + (mirrored if flip else []), dtype=torch.float32)
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -256,7 +275,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
         raise PersonalizeError("--images is required: a folder with a few images of the concept")
     images = load_image_folder(cfg.images, resolution, masks=method_cls.needs_masks, masks_dir=getattr(method_cfg, "masks", None))
     masks = torch.stack([im.mask for im in images]) if method_cls.needs_masks else None
-    cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device, masks)
+    cache = LatentCache(backbone, torch.stack([im.pixels for im in images]), cfg.flip, device, masks,
+                        sdxl_time_ids(images, resolution, cfg.flip) if backbone.is_sdxl else None)
     class_cache = class_image_cache(cfg, method_cfg, backbone, output, resolution, device)
 
     method = method_cls(method_cfg, backbone, captions=[im.caption for im in images], images=torch.stack([im.pixels for im in images])).to(device)
@@ -292,7 +312,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
             latents, rows, masks = cache.sample(cfg.batch_size, generator)
             class_latents = class_cache.sample(cfg.batch_size, generator)[0] if class_cache else None
             with accelerator.autocast():
-                loss, group_logs = method.loss(Batch(latents, rows, generator, class_latents, masks), group)
+                batch = Batch(latents, rows, generator, class_latents, masks, cache.time_ids_of(cache.last_rows))
+                loss, group_logs = method.loss(batch, group)
             if not torch.isfinite(loss):
                 raise PersonalizeError(
                     f"the loss became {loss.item()} at step {step + 1}; try a lower --lr, --mixed-precision no "

@@ -24,6 +24,7 @@ class Batch:
     generator: torch.Generator  # the run's generator: every random draw goes through it, so resume is exact
     class_latents: torch.Tensor | None = None  # prior-preservation class images, when the method asks for them
     masks: torch.Tensor | None = None  # [B, 1, h, w] foreground masks at the latent grid, when the method needs them
+    time_ids: torch.Tensor | None = None  # [B, 6] SDXL size/crop conditioning of each row (None: not SDXL)
 
 
 class Method(nn.Module):

@@ -92,8 +92,13 @@ class DreamBoothLora(Method):
 
     def ldm_loss(self, batch: Batch):
         """DreamBooth's loss: instance MSE (+ λ_prior · class MSE), and the denoising step for feature losses."""
-        latents = batch.latents if batch.class_latents is None else torch.cat([batch.latents, batch.class_latents])
-        step = denoise(self.backbone, latents, self.prompt_ids(batch), batch.generator)
+        latents, time_ids = batch.latents, batch.time_ids
+        if batch.class_latents is not None:
+            latents = torch.cat([batch.latents, batch.class_latents])
+            if time_ids is not None:  # generated class images: square, uncropped
+                size = latents.shape[-1] * self.backbone.vae_scale
+                time_ids = torch.cat([time_ids, self.backbone.default_time_ids(len(batch.class_latents), size).to(time_ids)])
+        step = denoise(self.backbone, latents, self.prompt_ids(batch), batch.generator, time_ids)
         n = len(batch.latents)
         pred, target = step.prediction.float(), step.target.float()
         loss = F.mse_loss(pred[:n], target[:n])

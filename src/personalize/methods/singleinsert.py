@@ -222,9 +222,9 @@ class SingleInsert(Method):
             return weighted.mean()
         return weighted.sum() / (weight.expand_as(err).sum()).clamp_min(1e-8)
 
-    def _x0(self, noisy, t, ids: list[torch.Tensor]) -> torch.Tensor:
+    def _x0(self, noisy, t, ids: list[torch.Tensor], time_ids=None) -> torch.Tensor:
         embeds, pooled = self.backbone.encode_prompt(ids)
-        return self.backbone.predict_x0(noisy, self.backbone.unet_forward(noisy, t, embeds, pooled).float(), t)
+        return self.backbone.predict_x0(noisy, self.backbone.unet_forward(noisy, t, embeds, pooled, time_ids).float(), t)
 
     def loss(self, batch: Batch, group: str):
         cfg, b = self.config, len(batch.latents)
@@ -236,7 +236,8 @@ class SingleInsert(Method):
             source.current = torch.cat([v, v])
         try:
             ids = [torch.cat([c.expand(b, -1), k.expand(b, -1)]) for c, k in zip(self.concept_ids, self.class_ids)]
-            both = self._x0(torch.cat([noisy, noisy]), torch.cat([t, t]), ids)
+            time_ids = torch.cat([batch.time_ids, batch.time_ids]) if batch.time_ids is not None else None
+            both = self._x0(torch.cat([noisy, noisy]), torch.cat([t, t]), ids, time_ids)
         finally:
             for source in self.sources:
                 source.current = None
@@ -244,7 +245,7 @@ class SingleInsert(Method):
         if group == "stage1":
             x_bar = x_hat.detach()  # the model is not trained in Stage I: open = fixed
         else:
-            x_bar = self._fixed_class_x0(noisy, t, b)
+            x_bar = self._fixed_class_x0(noisy, t, b, batch.time_ids)
         fg = mask if cfg.fg_loss else torch.ones_like(mask)
         l_fg = self._masked((x_star - x0.float()) ** 2, fg)
         l_bg = self._masked((x_star - x_bar) ** 2, 1 - mask)
@@ -257,12 +258,12 @@ class SingleInsert(Method):
         return loss, logs
 
     @torch.no_grad()
-    def _fixed_class_x0(self, noisy, t, b) -> torch.Tensor:
+    def _fixed_class_x0(self, noisy, t, b, time_ids=None) -> torch.Tensor:
         """x̄_θ: the fixed model on the class prompt (with --semantic-reference lora-text-encoder, its text encoder keeps LoRA)."""
         ids = [k.expand(b, -1) for k in self.class_ids]
         frozen = [self.backbone.unet] + (self.backbone.text_encoders if self.config.semantic_reference == "fixed" else [])
         with lora_disabled(*frozen):
-            return self._x0(noisy, t, ids)
+            return self._x0(noisy, t, ids, time_ids)
 
     def validation_prompts(self) -> list[str]:
         subject = f"{self.config.token} {self.config.class_word}"

@@ -110,7 +110,7 @@ class TextualInversion(Method):
 
     def loss(self, batch: Batch, group: str):
         rows = torch.randint(0, len(self.prompts), (batch.latents.shape[0],), generator=batch.generator)
-        step = denoise(self.backbone, batch.latents, [ids[rows] for ids in self.prompt_ids], batch.generator)
+        step = denoise(self.backbone, batch.latents, [ids[rows] for ids in self.prompt_ids], batch.generator, batch.time_ids)
         loss = diffusion_loss(step)
         return loss, {"loss": loss.item()}
 
