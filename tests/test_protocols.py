@@ -1,0 +1,54 @@
+"""Evaluation protocols and the editing success rate."""
+
+import pytest
+from PIL import Image
+
+from personalize.errors import PersonalizeError
+from personalize.evaluate.esr import CsvJudge, editing_success_rate
+from personalize.evaluate.protocols import (
+    SINGLEINSERT_ESR, dreambench_prompts, parse_dreambench, split_reference_heldout,
+)
+
+
+def test_dreambench_lists_match_the_benchmark_file(dreambench):
+    classes, objects, live = parse_dreambench(dreambench / "prompts_and_classes.txt")
+    shipped = parse_dreambench()
+    assert (classes, objects, live) == shipped
+    assert len(classes) == 30 and classes["red_cartoon"] == "cartoon" and classes["bear_plushie"] == "stuffed animal"
+    assert len(objects) == 25 and len(live) == 25
+    assert dreambench_prompts("sks", "dog")[10] == "a sks dog wearing a red hat"  # live subject
+    assert dreambench_prompts("sks", "vase")[10] == "a sks vase with a wheat field in the background"
+
+
+def test_esr_scores_one_point_per_prompt_half_per_target():
+    prompts = [SINGLEINSERT_ESR[0], SINGLEINSERT_ESR[3]]  # one target; two targets
+    image = Image.new("RGB", (4, 4))
+    yes = {"a basketball player", "a police uniform"}
+    result = editing_success_rate(
+        {p.template: [image, image] for p in prompts}, prompts, lambda im, target, image_id="": float(target in yes)
+    )
+    assert result.per_prompt == {prompts[0].template: 1.0, prompts[1].template: 0.5}
+    assert result.overall == 0.75 and result.n_images == 4
+    assert len(SINGLEINSERT_ESR) == 10
+
+
+def test_csv_judge(tmp_path):
+    f = tmp_path / "j.csv"
+    f.write_text("image,target,success\nA#0,teal hair,yes\nA#0,a pink wall,0\n")
+    judge = CsvJudge(f)
+    image = Image.new("RGB", (4, 4))
+    assert judge(image, "teal hair", image_id="A#0") == 1.0 and judge(image, "a pink wall", image_id="A#0") == 0.0
+    with pytest.raises(PersonalizeError, match="no judgement"):
+        judge(image, "x", image_id="A#0")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(PersonalizeError, match="columns"):
+        CsvJudge(tmp_path / "bad.csv")
+
+
+def test_reference_heldout_split_is_seeded_and_disjoint(tmp_path):
+    files = [tmp_path / f"{i:03d}.png" for i in range(100)]
+    ref, held = split_reference_heldout(files, 30, seed=1)
+    assert len(ref) == 30 and len(held) == 70 and not set(ref) & set(held)
+    assert split_reference_heldout(files, 30, seed=1) == (ref, held) != split_reference_heldout(files, 30, seed=2)
+    with pytest.raises(PersonalizeError):
+        split_reference_heldout(files[:30], 30)
