@@ -155,7 +155,7 @@ def _pool_at_first_eos(text_encoder, eos_token_id: int) -> None:
 # -- loading ---------------------------------------------------------------------------------------------------
 
 MODEL_HELP = (
-    "pass --model tiny (built in), a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
+    "pass --model toy or tiny (built in), a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
     "checkpoint, or a hub id that is in your Hugging Face cache"
 )
 
@@ -170,6 +170,13 @@ def _load_pipeline(spec: str, model_config: str | None):
 
     if spec in TINY_MODELS:
         return build_tiny_pipeline(spec)
+    if spec == "toy":
+        from .toyworld import TOY_MODEL_DIR
+
+        if not (TOY_MODEL_DIR / "model_index.json").exists():
+            raise PersonalizeError(f"the toy model's weights are not in {TOY_MODEL_DIR}; train them with "
+                                   "`personalize toyworld train-base --output {TOY_MODEL_DIR}`")
+        return _quiet(DiffusionPipeline.from_pretrained(TOY_MODEL_DIR, **_no_safety_checker()))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():

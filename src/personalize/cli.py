@@ -166,7 +166,35 @@ def cmd_mask(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"train": cmd_train, "generate": cmd_generate, "mask": cmd_mask}
+def cmd_toyworld(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="personalize toyworld", description="The toy world: its base model and its judge.")
+    sub = p.add_subparsers(dest="what", required=True)
+    base = sub.add_parser("train-base", help="train the toy base model (a diffusers folder)")
+    base.add_argument("--output", required=True)
+    base.add_argument("--minutes", type=float, default=40.0, help="wall-time budget of the UNet stage")
+    base.add_argument("--vae-steps", type=int, default=800)
+    base.add_argument("--batch-size", type=int, default=32)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--resume", action="store_true", help="continue OUTPUT/checkpoint.pt")
+    judge = sub.add_parser("train-judge", help="train the attribute judge on fresh renders")
+    judge.add_argument("--output", default=None, help="default: the package's toyworld/weights/judge.safetensors")
+    judge.add_argument("--steps", type=int, default=2000)
+    judge.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.what == "train-judge":
+        from .toyworld.judge import WEIGHTS_DIR, train_judge
+
+        accuracy = train_judge(a.output or WEIGHTS_DIR / "judge.safetensors", steps=a.steps, seed=a.seed)
+        print("judge accuracy on 1000 fresh renders: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    if a.what == "train-base":
+        from .toyworld.base_model import train_base
+
+        out = train_base(a.output, minutes=a.minutes, vae_steps=a.vae_steps, batch=a.batch_size, seed=a.seed, resume=a.resume)
+        print(f"toy base model written to {out}")
+    return 0
+
+
+VERBS = {"train": cmd_train, "generate": cmd_generate, "mask": cmd_mask, "toyworld": cmd_toyworld}
 
 
 def _quiet_libraries() -> None:
