@@ -52,3 +52,19 @@ def test_reference_heldout_split_is_seeded_and_disjoint(tmp_path):
     assert split_reference_heldout(files, 30, seed=1) == (ref, held) != split_reference_heldout(files, 30, seed=2)
     with pytest.raises(PersonalizeError):
         split_reference_heldout(files[:30], 30)
+
+
+def test_report_writes_json_markdown_and_an_html_page_with_images(tmp_path):
+    import json
+
+    from personalize.evaluate.report import write_report
+
+    image = Image.new("RGB", (64, 64), "red")
+    files = write_report(tmp_path, [{"name": "CLIP-I", "value": 0.8123, "n": 64, "convention": "ViT-B/32 cosine"}],
+                         context={"concept": "cat"}, references=[image], samples={"a photo of <c>": [image, image]},
+                         per_prompt={"a photo of <c>": {"CLIP-T": 0.31}})
+    data = json.loads(files[0].read_text())
+    assert data["metrics"][0]["value"] == 0.8123 and "torch" in data["versions"]
+    assert "| CLIP-I | 0.8123 | 64 |" in files[1].read_text()
+    page = files[2].read_text()
+    assert page.count("data:image/png;base64,") == 3 and "CLIP-T 0.310" in page
