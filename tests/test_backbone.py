@@ -58,7 +58,7 @@ def test_missing_models_fail_fast_and_say_what_to_pass(spec, message):
     with pytest.raises(PersonalizeError, match=message) as err:
         load_backbone(spec)
     assert time.monotonic() - start < 5  # the CLI promises "within a second"; leave CI headroom
-    assert "--model tiny" in str(err.value)
+    assert "--model toy or tiny" in str(err.value)
 
 
 def test_folder_without_model_index_is_refused(tmp_path):

@@ -40,6 +40,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        _follow_umask(Path(tmp))  # mkstemp (and safetensors) leave 0600; artefacts are meant to be shared
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +51,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _follow_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -135,7 +142,11 @@ def load_embedding_file(path: str | Path, token: str | None = None) -> tuple[str
         else:
             data, meta = torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of error
-        raise PersonalizeError(f"{path} is not a readable embedding file ({exc})") from exc
+        raise PersonalizeError(f"{path} is not a readable embedding file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(data, torch.Tensor):  # a bare tensor, as diffusers' load_textual_inversion accepts
+        return token or f"<{path.stem}>", [_as_matrix(data)]
+    if not isinstance(data, dict):
+        raise PersonalizeError(f"{path} holds a {type(data).__name__}, not an embedding (expected a dict of tensors)")
     default_token = token or meta.get("token") or f"<{path.stem}>"
     if "string_to_param" in data:  # A1111
         return token or meta.get("token") or f"<{data.get('name', path.stem)}>", [_as_matrix(data["string_to_param"]["*"])]

@@ -1,0 +1,343 @@
+"""Exported embedding files work in other tools (plain diffusers, A1111's format) exactly as they do in ours,
+are written atomically, and bad files fail with a message that names them."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
+
+import personalize.export as export
+from personalize.backbone import Backbone, load_backbone
+from personalize.errors import PersonalizeError
+from personalize.export import EMBEDDINGS_FILE, load_embedding_file, save_embeddings
+from personalize.generate import generate_images, install_concept
+from personalize.tiny import build_tiny_pipeline
+
+STEPS, GUIDANCE, SIZE, SEED = 2, 7.5, 32, 0
+
+
+def _sample(pipe, prompt: str) -> np.ndarray:
+    """One 2-step 32x32 image as float numpy, fixed seed: the call both paths share."""
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(SEED),
+            height=SIZE,
+            width=SIZE,
+            output_type="np",
+        ).images
+
+
+def _vectors(n: int, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """Random vectors with a large norm, so that a concept visibly changes the image."""
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 5
+
+
+def _assert_visibly_different(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() > 1e-3, "the concept did not change the image"
+
+
+# -- 1. diffusers file: plain diffusers and our injection draw the same image ----------------------------------
+
+
+@pytest.mark.parametrize("source", ["folder", "file"])
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_diffusers_file_loads_in_plain_diffusers_and_matches_our_injection(tmp_path, num_vectors, source):
+    vecs = _vectors(num_vectors)
+    files = save_embeddings(tmp_path / "run", "<concept>", [vecs], step=7, model_name="tiny")
+    learned = tmp_path / "run" / EMBEDDINGS_FILE
+    assert learned in files
+    state = load_file(str(learned))
+    assert list(state) == ["<concept>"] and torch.equal(state["<concept>"], vecs)
+    token = next(iter(state))
+    prompt = f"a photo of {token}"
+
+    plain = build_tiny_pipeline("tiny")
+    without = _sample(plain, prompt)
+    plain.load_textual_inversion(str(tmp_path / "run" if source == "folder" else learned))
+    if num_vectors == 2:  # diffusers' multi-vector naming, which our placeholders follow
+        assert f"{token}_1" in plain.tokenizer.get_vocab()
+        assert plain.maybe_convert_prompt(prompt, plain.tokenizer) == f"a photo of {token} {token}_1"
+    theirs = _sample(plain, prompt)
+    _assert_visibly_different(theirs, without)
+
+    backbone = load_backbone("tiny")
+    assert install_concept(backbone, tmp_path / "run" if source == "folder" else learned) == token
+    ours = _sample(backbone.pipe, prompt)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+    # generate_images (what `personalize generate` and validation call) draws that same image.
+    (image,) = generate_images(backbone, [prompt], [SEED], steps=STEPS, guidance=GUIDANCE, resolution=SIZE)
+    expected = (theirs[0] * 255).round().astype(np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+
+
+def test_diffusers_file_records_metadata(tmp_path):
+    save_embeddings(tmp_path, "<concept>", [_vectors(2)], step=123, model_name="tiny")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / EMBEDDINGS_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta == {"token": "<concept>", "num_vectors": "2", "step": "123", "base_model": "tiny"}
+
+
+# -- 2. A1111 .pt ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_a1111_pt_is_weights_only_loadable_and_loads_in_diffusers(tmp_path, num_vectors):
+    vecs = _vectors(num_vectors, seed=3)
+    files = save_embeddings(tmp_path, "<my-cat>", [vecs], step=50, model_name="tiny")
+    pt = tmp_path / "my-cat.pt"
+    assert pt in files
+
+    back = torch.load(pt, map_location="cpu", weights_only=True)
+    assert torch.equal(back["string_to_param"]["*"], vecs)
+    assert back["name"] == "my-cat"
+    assert back["step"] == 50
+    # Our own reader names it after the file's `name`, in brackets.
+    token, (read,) = load_embedding_file(pt)
+    assert token == "<my-cat>" and torch.equal(read, vecs)
+
+    prompt = "a photo of <a1111>"
+    plain = build_tiny_pipeline("tiny")
+    without = _sample(plain, prompt)
+    plain.load_textual_inversion(str(pt), token="<a1111>")
+    theirs = _sample(plain, prompt)
+    _assert_visibly_different(theirs, without)
+
+    backbone = load_backbone("tiny")
+    assert install_concept(backbone, pt, token="<a1111>") == "<a1111>"
+    np.testing.assert_allclose(_sample(backbone.pipe, prompt), theirs, atol=1e-5, rtol=0)
+
+
+# -- 3. SDXL clip_l / clip_g -------------------------------------------------------------------------------------
+
+
+def test_sdxl_file_loads_per_encoder_in_diffusers_and_matches_our_injection(tmp_path):
+    clip_l, clip_g = _vectors(2, seed=10), _vectors(2, seed=11)  # different, so a swapped encoder would show
+    files = save_embeddings(tmp_path, "<concept>", [clip_l, clip_g], step=1, model_name="tiny-xl")
+    learned, a1111 = tmp_path / EMBEDDINGS_FILE, tmp_path / "concept.safetensors"
+    assert files == [learned, a1111]
+    state = load_file(str(learned))
+    assert set(state) == {"clip_l", "clip_g"}
+    assert torch.equal(state["clip_l"], clip_l) and torch.equal(state["clip_g"], clip_g)
+    a1111_state = load_file(str(a1111))
+    assert a1111_state.keys() == state.keys() and all(torch.equal(a1111_state[k], state[k]) for k in state)
+
+    prompt = "a photo of <concept>"
+    plain = build_tiny_pipeline("tiny-xl")
+    without = _sample(plain, prompt)
+    # The documented diffusers pattern for SDXL embeddings.
+    plain.load_textual_inversion(state["clip_g"], token="<concept>", text_encoder=plain.text_encoder_2, tokenizer=plain.tokenizer_2)
+    plain.load_textual_inversion(state["clip_l"], token="<concept>", text_encoder=plain.text_encoder, tokenizer=plain.tokenizer)
+    theirs = _sample(plain, prompt)
+    _assert_visibly_different(theirs, without)
+
+    for path in (learned, a1111):  # the run's file and the A1111/ComfyUI copy install the same
+        backbone = load_backbone("tiny-xl")
+        assert install_concept(backbone, path) == "<concept>"
+        # Pooled text goes to the SDXL UNet; both paths must pool at the real end of text (eos 49407 here).
+        assert all(enc.config.eos_token_id == 49407 for enc in backbone.text_encoders)
+        np.testing.assert_allclose(_sample(backbone.pipe, prompt), theirs, atol=1e-5, rtol=0)
+
+
+def _with_old_clip_eos(pipe):
+    """Give the encoders the eos_token_id = 2 that real SD 1.x/SDXL configs carry (transformers then pools at argmax(ids))."""
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.config.eos_token_id = 2
+        for module in (encoder, getattr(encoder, "text_model", None)):  # transformers 5.x / 4.x keep it here
+            if module is not None and hasattr(module, "eos_token_id"):
+                module.eos_token_id = 2
+    return pipe
+
+
+def test_sdxl_old_eos_config_does_not_move_our_pooled_output(tmp_path):
+    """With real SDXL's eos_token_id = 2, pooling at argmax(ids) would pick the placeholder (the largest id) and
+    feed the UNet a corrupted pooled vector; our backbone must pool at the end of text, as with a correct config."""
+    save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=12), _vectors(1, seed=13)], step=1, model_name="tiny-xl")
+    prompt = "<concept> on a table"
+    reference = load_backbone("tiny-xl")
+    install_concept(reference, tmp_path)
+    expected = _sample(reference.pipe, prompt)
+
+    old = Backbone(pipe=_with_old_clip_eos(build_tiny_pipeline("tiny-xl")), name="tiny-xl")
+    install_concept(old, tmp_path)
+    np.testing.assert_allclose(_sample(old.pipe, prompt), expected, atol=1e-5, rtol=0)
+
+
+# -- 4. atomic writes ------------------------------------------------------------------------------------------
+
+
+def _half_then_disk_full(tensors, filename, metadata=None):
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data[: len(data) // 2])
+    raise OSError(28, "No space left on device")
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_disk_full_leaves_no_file_and_no_temp_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "save_file", _half_then_disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(PersonalizeError) as info:
+        save_embeddings(out, "<concept>", [_vectors(1)], step=1, model_name="tiny")
+    assert str(out / EMBEDDINGS_FILE) in str(info.value)
+    assert "No space left on device" in str(info.value)
+    assert not (out / EMBEDDINGS_FILE).exists()
+    assert list(out.iterdir()) == []  # no half file, no temp file, and the .pt was not written after the failure
+
+
+def test_disk_full_keeps_the_previous_good_file(tmp_path, monkeypatch):
+    good = _vectors(1, seed=1)
+    save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
+    before = _snapshot(tmp_path)
+    assert set(before) == {EMBEDDINGS_FILE, "concept.pt"}
+
+    monkeypatch.setattr(export, "save_file", _half_then_disk_full)
+    with pytest.raises(PersonalizeError, match="learned_embeds.safetensors"):
+        save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
+    assert _snapshot(tmp_path) == before
+    assert torch.equal(load_embedding_file(tmp_path)[1][0], good)
+
+
+def test_disk_full_while_writing_the_a1111_file(tmp_path, monkeypatch):
+    good = _vectors(1, seed=1)
+    save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
+    old_pt = (tmp_path / "concept.pt").read_bytes()
+
+    def half_torch_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(old_pt[: len(old_pt) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.torch, "save", half_torch_save)
+    with pytest.raises(PersonalizeError) as info:
+        save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
+    assert str(tmp_path / "concept.pt") in str(info.value)
+    assert (tmp_path / "concept.pt").read_bytes() == old_pt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([EMBEDDINGS_FILE, "concept.pt"])
+
+
+def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_embeddings(tmp_path, "<concept>", [_vectors(1)], step=1, model_name="tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        files = save_embeddings(tmp_path, "<concept>", [_vectors(1)], step=1, model_name="tiny")
+    finally:
+        os.umask(old)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# -- 5. unreadable / unfitting files ---------------------------------------------------------------------------
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(PersonalizeError, match="nope.safetensors"):
+        load_embedding_file(missing)
+    with pytest.raises(PersonalizeError, match="nope.safetensors"):
+        install_concept(load_backbone("tiny"), missing)
+
+
+def test_two_unrelated_tensors_are_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file({"a.weight": torch.zeros(2, 32), "b.bias": torch.zeros(32)}, str(path))
+    with pytest.raises(PersonalizeError) as info:
+        load_embedding_file(path)
+    assert str(path) in str(info.value)
+    assert "a.weight" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("garbage.safetensors", b"\x07\x00\x00\x00\x00\x00\x00\x00not json at all"),
+        ("truncated.safetensors", "half"),
+        ("garbage.pt", b"PK\x03\x04 this is not a zip archive"),
+        ("empty.bin", b""),
+    ],
+)
+def test_corrupt_files_raise_an_error_naming_them(tmp_path, name, content):
+    path = tmp_path / name
+    if content == "half":
+        data = safetensors.torch.save({"<c>": torch.randn(2, 32)})
+        content = data[: len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(PersonalizeError) as info:
+        load_embedding_file(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [torch.randn(1, 32), [1, 2, 3]], ids=["bare-tensor", "list"])
+def test_non_dict_pickles_are_read_or_refused_cleanly(tmp_path, content):
+    path = tmp_path / "odd.pt"
+    torch.save(content, path)
+    try:
+        token, vectors = load_embedding_file(path, token="<t>")
+    except PersonalizeError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert isinstance(content, torch.Tensor) and token == "<t>" and torch.equal(vectors[0], content)
+
+
+def test_wrong_dimension_is_refused_before_touching_the_tokenizer(tmp_path):
+    save_embeddings(tmp_path, "<wide>", [_vectors(1, d=64)], step=1, model_name="other")
+    backbone = load_backbone("tiny")
+    with pytest.raises(PersonalizeError) as info:
+        install_concept(backbone, tmp_path)
+    message = str(info.value)
+    assert "64" in message and "32" in message
+    assert "<wide>" not in backbone.tokenizers[0].get_vocab()
+
+
+def test_sd1_file_into_sdxl_is_refused(tmp_path):
+    save_embeddings(tmp_path, "<c>", [_vectors(1)], step=1, model_name="tiny")
+    with pytest.raises(PersonalizeError, match="text encoder"):
+        install_concept(load_backbone("tiny-xl"), tmp_path / EMBEDDINGS_FILE)
+
+
+# -- 6. several concepts at once -------------------------------------------------------------------------------
+
+
+def test_two_installed_concepts_both_act_and_match_diffusers(tmp_path):
+    save_embeddings(tmp_path / "a", "<cat-toy>", [_vectors(2, seed=20)], step=1, model_name="tiny")
+    save_embeddings(tmp_path / "b", "<my-style>", [_vectors(1, seed=21)], step=1, model_name="tiny")
+    prompt = "a <cat-toy> in the style of <my-style>"
+
+    both = load_backbone("tiny")
+    assert install_concept(both, tmp_path / "a") == "<cat-toy>"
+    assert install_concept(both, tmp_path / "b") == "<my-style>"
+    out_both = _sample(both.pipe, prompt)
+
+    for only in ("a", "b"):
+        single = load_backbone("tiny")
+        install_concept(single, tmp_path / only)
+        _assert_visibly_different(out_both, _sample(single.pipe, prompt))
+
+    plain = build_tiny_pipeline("tiny")
+    plain.load_textual_inversion(str(tmp_path / "a"))
+    plain.load_textual_inversion(str(tmp_path / "b"))
+    np.testing.assert_allclose(out_both, _sample(plain, prompt), atol=1e-5, rtol=0)
