@@ -118,10 +118,11 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_generate(argv: list[str]) -> int:
     from .backbone import load_backbone
-    from .generate import generate_images, install_concept, make_grid, save_png
+    from .generate import generate_images, install_concept, make_grid, run_settings, save_png
 
     p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
-    p.add_argument("--model", "--pretrained_model_name_or_path", default="tiny", help="base model the concepts were trained on")
+    p.add_argument("--model", "--pretrained_model_name_or_path", default=None,
+                   help="base model the concepts were trained on (default: the first run folder's, else tiny)")
     p.add_argument("--model-config", default=None, help="diffusers folder with the configs of a single-file checkpoint")
     p.add_argument("--concept", action="append", default=[], help="run folder, embedding file or LoRA file (repeatable)")
     p.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of each --concept's LoRA, in order (default 1)")
@@ -134,7 +135,8 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
     a = p.parse_args(argv)
-    backbone = load_backbone(a.model, model_config=a.model_config)
+    run = {} if a.model or not a.concept else run_settings(a.concept[0])  # default: the model the run trained on
+    backbone = load_backbone(a.model or run.get("model") or "tiny", model_config=a.model_config or run.get("model_config"))
     scales = a.lora_scale + [1.0] * (len(a.concept) - len(a.lora_scale))
     for concept, scale in zip(a.concept, scales):
         print(f"loaded {install_concept(backbone, concept, lora_scale=scale)} from {concept}")
@@ -146,6 +148,18 @@ def cmd_generate(argv: list[str]) -> int:
         save_png(image, out / f"{i // len(seeds):02d}-{seeds[i % len(seeds)]}.png")
     save_png(make_grid(images, len(seeds)), out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .evaluate.runner import EvalConfig, evaluate
+
+    p = argparse.ArgumentParser(prog="personalize evaluate",
+                                description="Draw a paper's evaluation prompts with trained concepts and score them.")
+    add_dataclass_flags(p, EvalConfig, set())
+    cfg = EvalConfig(**vars(p.parse_args(argv)))
+    files = evaluate(cfg)
+    print("report: " + ", ".join(str(f) for f in files))
     return 0
 
 
@@ -194,7 +208,7 @@ def cmd_toyworld(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"train": cmd_train, "generate": cmd_generate, "mask": cmd_mask, "toyworld": cmd_toyworld}
+VERBS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "mask": cmd_mask, "toyworld": cmd_toyworld}
 
 
 def _quiet_libraries() -> None:
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print("usage: personalize {train,generate,mask} [options]   (personalize VERB --help for its options)")
+        print("usage: personalize {train,generate,evaluate,mask,toyworld} [options]   (personalize VERB --help for its options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()

@@ -268,6 +268,22 @@ def _accepted() -> str:
     return " ".join(sorted(IMAGE_EXTENSIONS))
 
 
+def image_paths(folder: str | Path, log: logging.Logger | logging.LoggerAdapter = _LOG) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name; PersonalizeError when there are none."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise PersonalizeError(f"image folder {folder} does not exist; pass the folder that holds your photos")
+    if not folder.is_dir():
+        raise PersonalizeError(f"{folder} is not a folder; pass the folder that holds your photos, not one file")
+    paths = _image_files(folder, log)
+    if not paths:
+        raise PersonalizeError(
+            f"{folder} has no images; put your photos directly in it (subfolders are not read), "
+            f"with one of the extensions {_accepted()}"
+        )
+    return paths
+
+
 def load_image_folder(
     folder: str | Path,
     resolution: int,
@@ -292,18 +308,7 @@ def load_image_folder(
     cannot be decoded (all undecodable files are named at once, so they can be fixed in one go).
     """
     folder = Path(folder).expanduser()
-    if not folder.exists():
-        raise PersonalizeError(f"image folder {folder} does not exist; pass the folder that holds your photos")
-    if not folder.is_dir():
-        raise PersonalizeError(f"{folder} is not a folder; pass the folder that holds your photos, not one file")
-
-    paths = _image_files(folder, log)
-    if not paths:
-        raise PersonalizeError(
-            f"{folder} has no images; put your photos directly in it (subfolders are not read), "
-            f"with one of the extensions {_accepted()}"
-        )
-
+    paths = image_paths(folder, log)
     images, failures = [], []
     for path in paths:
         try:

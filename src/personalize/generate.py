@@ -19,6 +19,19 @@ from .export import EMBEDDINGS_FILE, atomic_write, load_embedding_file
 from .lora import LORA_FILE
 
 
+def run_settings(concept: str | Path) -> dict:
+    """The resolved config.yaml of a run folder (empty for a bare file): its model, token, class word, images."""
+    import yaml
+
+    path = Path(concept) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PersonalizeError(f"{path} is not readable YAML ({exc})") from exc
+
+
 def install_concept(backbone, path: str | Path, token: str | None = None, lora_scale: float = 1.0) -> str:
     """Load a run's folder (its embedding and/or LoRA) or one file into the backbone; return what was loaded.
 
