@@ -9,6 +9,8 @@ from personalize.errors import PersonalizeError
 from personalize.tiny import clip_tokenizer
 from personalize.toyworld import TOY_MODEL_DIR
 from personalize.toyworld.judge import WEIGHTS_DIR, ToyJudge, parse_target
+STEPS_TO_LEARN = 150  # BaTex steps of the learning test (tuned on the shipped model)
+
 from personalize.toyworld.world import (
     BACKGROUNDS, COLOURS, HELD_OUT, PATTERNS, POSITIONS, SHAPES, SIZES, Scene, caption, random_scene, render,
 )
@@ -74,3 +76,96 @@ def test_toy_model_loads_and_draws_the_asked_background():
                              [0, 1, 2, 3], steps=20, guidance=4.0)
     seen = judge.predict(images)
     assert np.mean([s["background"] == bg for s, bg in zip(seen, ["black"] * 4 + ["white"] * 4)]) >= 0.75
+
+
+# -- the toy metrics and the bench's bookkeeping -----------------------------------------------------------------
+
+
+class _FeatureJudge:
+    """Stands in for the judge: the features are the images' mean colours."""
+
+    def features(self, images):
+        import torch
+
+        return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32).mean(axis=(0, 1)) for im in images]))
+
+
+def _solid(rgb):
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8), rgb)
+
+
+def test_toy_metrics_on_hand_made_readings():
+    from personalize.evaluate import toy as T
+
+    readings = [{"colour": "red", "shape": "star", "background": "pink"},
+                {"colour": "red", "shape": "heart", "background": "black"},
+                {"colour": "blue", "shape": "star", "background": "pink"},
+                {"colour": "red", "shape": "star", "background": "white"}]
+    assert T.concept_rate(readings, {"colour": "red", "shape": "star"}) == 0.5
+    assert T.background_leakage(readings, "pink") == 0.5
+    asked = [{"background": "pink"}, {"background": "pink"}, {"background": "pink"}, {"background": "white"}]
+    assert T.obeyed_rate(readings, asked) == 0.75
+    with pytest.raises(PersonalizeError):
+        T.obeyed_rate(readings, asked[:2])
+
+    judge = _FeatureJudge()
+    same = [_solid((200, 10, 10))] * 3
+    assert T.diversity(judge, same) == pytest.approx(0.0, abs=1e-6)
+    assert T.diversity(judge, [_solid((200, 0, 0)), _solid((0, 200, 0))]) == pytest.approx(1.0, abs=1e-6)  # orthogonal
+    assert T.feature_similarity(judge, same, same) == pytest.approx(1.0, abs=1e-6)
+    varied = [_solid((r, g, 40)) for r, g in [(10, 200), (200, 10), (90, 90), (150, 30), (30, 170)]]
+    assert T.judge_frechet(judge, varied, varied) == pytest.approx(0.0, abs=1e-6)
+    assert T.judge_frechet(judge, varied, same + same) > 100
+
+
+def test_preview_curve_and_convergence(tmp_path):
+    from personalize.generate import make_grid
+    from personalize.toyworld.bench import preview_curve, steps_to_converge, summarise
+
+    class ColourJudge:
+        def predict(self, images):
+            return [{"colour": "red" if np.asarray(im)[..., 0].mean() > 128 else "blue"} for im in images]
+
+    (tmp_path / "validation").mkdir()
+    for step, reds in ((20, 0), (40, 2), (60, 4), (80, 3)):
+        tiles = [_solid((220, 0, 0)).resize((32, 32)) if i < reds else _solid((0, 0, 220)).resize((32, 32)) for i in range(4)]
+        make_grid(tiles, 4).save(tmp_path / "validation" / f"step-{step:06d}.png")
+    curve = preview_curve(tmp_path, ColourJudge(), {"colour": "red"})
+    assert curve == {20: 0.0, 40: 0.5, 60: 1.0, 80: 0.75}
+    assert steps_to_converge(curve) == 60  # first preview at >= 80 % of the best
+    assert steps_to_converge({10: 0.0}) is None
+
+    table = summarise([{"suite": "s", "method": "a", "seed": 0, "x": 1.0}, {"suite": "s", "method": "a", "seed": 1, "x": 3.0},
+                       {"suite": "s", "method": "b", "seed": 0, "x": 0.5}])
+    assert "| a | 2 | 2 ± 1.4 |" in table and "| b | 1 | 0.5 |" in table
+
+
+@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists() or not (WEIGHTS_DIR / "judge.safetensors").exists(),
+                    reason="toy model or judge not shipped")
+def test_a_short_batex_run_learns_a_held_out_concept(tmp_path):
+    """Training must move the judge's concept score well above the base model's for the bare init word."""
+    from personalize.backbone import load_backbone
+    from personalize.evaluate.toy import concept_rate
+    from personalize.generate import generate_images, install_concept
+    from personalize.methods import BatexConfig
+    from personalize.toyworld.bench import concept_traits, render_set
+    from personalize.trainer import TrainConfig, train
+
+    concept = HELD_OUT[0]
+    traits = concept_traits(concept)
+    render_set(tmp_path / "images", 5, seed=1, **traits)
+    train(TrainConfig(method="batex", model="toy", images=str(tmp_path / "images"), output=str(tmp_path / "run"),
+                      steps=STEPS_TO_LEARN, num_validation_images=0, checkpointing_steps=10**9), BatexConfig(init_word=traits["shape"]))
+    judge = ToyJudge.load()
+    seeds = list(range(16))
+
+    def rate(backbone, prompt):
+        return concept_rate(judge.predict(generate_images(backbone, [prompt], seeds, steps=20, guidance=4.0, batch_size=16)), traits)
+
+    before = rate(load_backbone("toy"), f"a {traits['shape']}")
+    backbone = load_backbone("toy")
+    install_concept(backbone, tmp_path / "run")
+    after = rate(backbone, "a <concept>")
+    assert after >= before + 0.4, (before, after)

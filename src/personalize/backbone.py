@@ -175,7 +175,7 @@ def _load_pipeline(spec: str, model_config: str | None):
 
         if not (TOY_MODEL_DIR / "model_index.json").exists():
             raise PersonalizeError(f"the toy model's weights are not in {TOY_MODEL_DIR}; train them with "
-                                   "`personalize toyworld train-base --output {TOY_MODEL_DIR}`")
+                                   f"`personalize toyworld train-base --output {TOY_MODEL_DIR}`")
         return _quiet(DiffusionPipeline.from_pretrained(TOY_MODEL_DIR, **_no_safety_checker()))
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -163,6 +163,16 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from .toyworld.bench import BenchConfig, bench
+
+    p = argparse.ArgumentParser(prog="personalize bench", description="The papers' tables in miniature on the toy model.")
+    add_dataclass_flags(p, BenchConfig, set())
+    files = bench(BenchConfig(**vars(p.parse_args(argv))))
+    print("bench: " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_mask(argv: list[str]) -> int:
     from .masking import make_masks
 
@@ -208,7 +218,7 @@ def cmd_toyworld(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "mask": cmd_mask, "toyworld": cmd_toyworld}
+VERBS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench, "mask": cmd_mask, "toyworld": cmd_toyworld}
 
 
 def _quiet_libraries() -> None:
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print("usage: personalize {train,generate,evaluate,mask,toyworld} [options]   (personalize VERB --help for its options)")
+        print("usage: personalize {train,generate,evaluate,bench,mask,toyworld} [options]   (personalize VERB --help for its options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()

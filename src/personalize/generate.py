@@ -103,14 +103,19 @@ def generate_images(
     guidance: float = 7.5,
     resolution: int | None = None,
     negative_prompt: str | None = None,
+    batch_size: int = 1,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), prompt-major. The pipeline expands multi-vector placeholders itself."""
+    """One image per (prompt, seed), prompt-major. The pipeline expands multi-vector placeholders itself.
+
+    Each image's starting noise comes from its own seeded generator, so image (prompt, seed) is the same whatever
+    `batch_size` draws it with (up to float rounding of batched matrix products).
+    """
     size = resolution or backbone.default_resolution
     device = backbone.unet.device
     images = []
     for prompt in prompts:
-        for seed in seeds:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
             out = backbone.pipe(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
@@ -118,9 +123,10 @@ def generate_images(
                 guidance_scale=guidance,
                 height=size,
                 width=size,
-                generator=generator,
+                num_images_per_prompt=len(chunk),
+                generator=[torch.Generator(device=device).manual_seed(seed) for seed in chunk],
             )
-            images.append(out.images[0])
+            images.extend(out.images)
     return images
 
 

@@ -378,5 +378,6 @@ def _validate(backbone, cfg: TrainConfig, prompts: list[str], output: Path, step
     if not prompts or cfg.num_validation_images < 1:
         return
     seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
-    images = generate_images(backbone, prompts, seeds, steps=cfg.inference_steps, guidance=cfg.guidance, resolution=resolution)
+    images = generate_images(backbone, prompts, seeds, steps=cfg.inference_steps, guidance=cfg.guidance,
+                             resolution=resolution, batch_size=min(len(seeds), 4))
     save_png(make_grid(images, len(seeds)), output / "validation" / f"step-{step:06d}.png")

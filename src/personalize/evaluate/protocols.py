@@ -43,6 +43,21 @@ SINGLEINSERT_ESR = (
     EsrPrompt("{} with teal hair, in front of a pink wall", ("teal hair", "a pink wall")),
 )
 
+# The toy world's ESR list (its judge reads `attribute=value` targets): edits of the scene around the concept,
+# one or two targets each, scored like SingleInsert's. `{}` is the subject ("<concept> heart").
+TOY_ESR = (
+    EsrPrompt("a {} on a black background", ("background=black",)),
+    EsrPrompt("a {} on a white background", ("background=white",)),
+    EsrPrompt("a {} on a gray background", ("background=gray",)),
+    EsrPrompt("a small {}", ("size=small",)),
+    EsrPrompt("a {}, left", ("position=left",)),
+    EsrPrompt("a {}, top", ("position=top",)),
+    EsrPrompt("a large {} on a black background", ("size=large", "background=black")),
+    EsrPrompt("a {} on a white background, right", ("background=white", "position=right")),
+    EsrPrompt("a small {} on a gray background", ("size=small", "background=gray")),
+    EsrPrompt("a {} on a black background, bottom", ("background=black", "position=bottom")),
+)
+
 BATEX_IMAGE_PROMPT = "a photo of {}"
 BATEX_TEXT_PROMPTS = (
     "a photo of {} on the beach",

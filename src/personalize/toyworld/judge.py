@@ -113,12 +113,20 @@ class ToyJudge:
         net.load_state_dict(load_file(str(path)))
         return cls(net)
 
+    @staticmethod
+    def _pixels(images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX))).permute(2, 0, 1)
+                            for im in images]).float() / 127.5 - 1
+
     @torch.no_grad()
     def predict(self, images: list[Image.Image]) -> list[dict[str, str]]:
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX))).permute(2, 0, 1)
-                         for im in images]).float() / 127.5 - 1
-        out = self.net(x)
+        out = self.net(self._pixels(images))
         return [{k: ATTRIBUTES[k][int(out[k][i].argmax())] for k in ATTRIBUTES} for i in range(len(images))]
+
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, 256] penultimate features: the toy world's CLIP/DINO/Inception embedding."""
+        return self.net.features(self._pixels(images))
 
     def __call__(self, image: Image.Image, target: str, *, image_id: str = "") -> float:
         attribute, value = parse_target(target)
