@@ -17,7 +17,8 @@ Suites (each a table in the report; rows are methods, figures mean ± std over c
   "a <c> <class>" samples on the source's pink), text alignment (background swaps), diversity, toy ESR.
 - `distribution` (Dis²Booth): a varied category (30 reference renders sharing one trait, the rest random);
   DreamBooth-LoRA vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
-  Fréchet distance to 128 held-out renders of the category, diversity, share keeping the common trait.
+  Fréchet distance to 128 held-out renders of the category, diversity, share keeping the common trait; floor row:
+  as many fresh real renders as generated images (Fréchet distances are only comparable at the same N).
 
 Writes OUTPUT/bench.json (every row), OUTPUT/bench.md (the tables) and OUTPUT/grids/*.png (samples per row).
 """
@@ -282,14 +283,15 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     for name, traits in list(CATEGORIES.items())[: cfg.concepts]:
         class_word = traits.get("shape", "shape")
         folder = work / name / "reference"
-        references = render_set(folder, 30, seed=3, **traits)
+        render_set(folder, 30, seed=3, **traits)
         heldout = render_set(work / name / "heldout", 128, seed=4, **traits)
         base = _toy()
         base_images = sample(base, f"a photo of a {class_word}", n_generated)
         rows.append({"suite": "distribution", "method": "base: class word", "concept": name, "seed": 0,
                      **_distribution_row(judge, base_images, heldout, traits)})
-        rows.append({"suite": "distribution", "method": "real: held-out vs 30 references", "concept": name, "seed": 0,
-                     **_distribution_row(judge, references, heldout, traits)})
+        real = render_set(work / name / "real", n_generated, seed=5, **traits)  # the floor: real renders, same N
+        rows.append({"suite": "distribution", "method": "real renders (the floor)", "concept": name, "seed": 0,
+                     **_distribution_row(judge, real, heldout, traits)})
         steps = cfg.steps or 300
         warmup = steps // 3
         runs = [

@@ -115,7 +115,7 @@ class ToyJudge:
 
     @staticmethod
     def _pixels(images: list[Image.Image]) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX))).permute(2, 0, 1)
+        return torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((32, 32), Image.Resampling.BOX))).permute(2, 0, 1)
                             for im in images]).float() / 127.5 - 1
 
     @torch.no_grad()
