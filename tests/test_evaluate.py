@@ -137,3 +137,17 @@ def test_cli_evaluate_names_a_missing_concept(tmp_path, capsys):
                      "--clip-model", str(tmp_path / "clip")])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_toy_protocol_scores_with_the_shipped_judge(run_folder, tmp_path):
+    from personalize.evaluate import toy as T
+    from personalize.toyworld.judge import WEIGHTS_DIR, ToyJudge
+
+    if not (WEIGHTS_DIR / "judge.safetensors").exists():
+        pytest.skip("toy judge not shipped")
+    report = json.loads(evaluate(_config(run_folder, tmp_path / "eval", protocol="toy", num_images=2))[0].read_text())
+    values = {m["name"]: m for m in report["metrics"]}
+    assert set(values) == {"judge-I", "judge-DIV", "ESR"}
+    assert values["ESR"]["n"] == 20 and 0 <= values["ESR"]["value"] <= 1
+    samples = [load_rgb(p) for p in sorted((tmp_path / "eval" / "samples").glob("000-*.png"))]  # "a <concept>"
+    assert values["judge-DIV"]["value"] == pytest.approx(T.diversity(ToyJudge.load(), samples), abs=1e-5)

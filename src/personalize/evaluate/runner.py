@@ -9,6 +9,7 @@ scored for:
 | `batex`        | "a photo of S"; 8 editing prompts         | 64; 8           | CLIP-I, DINO; CLIP-T                 |
 | `esr`          | SingleInsert's 10 editing prompts         | 10              | ESR (judge), CLIP-T                  |
 | `distribution` | "a photo of S"                            | 128             | FID (vs --heldout), DIV (LPIPS)      |
+| `toy`          | "a S"; the toy world's 10 ESR prompts      | 16; 4           | judge-I, judge-DIV; ESR (toy judge)  |
 
 S, the subject, is how prompts name the concept: `<token>` for embedding methods, `<token> <class word>` for
 DreamBooth-LoRA, Dis²Booth and SingleInsert runs that have a class word (as they were trained), or `--subject`.
@@ -38,12 +39,12 @@ from ..export import atomic_write
 from ..generate import run_settings
 from . import metrics as M
 from .esr import editing_success_rate
-from .protocols import BATEX_IMAGE_PROMPT, BATEX_TEXT_PROMPTS, SINGLEINSERT_ESR, parse_dreambench
+from .protocols import BATEX_IMAGE_PROMPT, BATEX_TEXT_PROMPTS, SINGLEINSERT_ESR, TOY_ESR, parse_dreambench
 from .report import write_report
 
 _LOG = logging.getLogger("personalize.evaluate")
 
-PROTOCOLS = ("dreambench", "batex", "esr", "distribution")
+PROTOCOLS = ("dreambench", "batex", "esr", "distribution", "toy")
 CLASS_WORD_METHODS = {"dreambooth_lora", "dis2booth", "singleinsert"}  # trained on "<token> <class word>"
 SAMPLES_DIR = "samples"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -82,7 +83,7 @@ class PromptSet:
 
     prompts: list[str]
     per_prompt: int
-    scores: tuple[str, ...]  # of "reference" (CLIP-I, DINO), "text" (CLIP-T), "esr", "distribution"
+    scores: tuple[str, ...]  # of "reference" (CLIP-I, DINO), "text" (CLIP-T), "esr", "distribution", "judge" (toy)
 
 
 # -- what to draw --------------------------------------------------------------------------------------------
@@ -122,6 +123,8 @@ def protocol_plan(cfg: EvalConfig) -> list[PromptSet]:
                 PromptSet([p.format(s) for p in BATEX_TEXT_PROMPTS], n or 8, ("text",))]
     if cfg.protocol == "esr":
         return [PromptSet([p.template.format(s) for p in SINGLEINSERT_ESR], n or 10, ("esr", "text"))]
+    if cfg.protocol == "toy":
+        return [PromptSet([f"a {s}"], n or 16, ("judge",)), PromptSet([p.template.format(s) for p in TOY_ESR], n or 4, ("esr",))]
     if cfg.protocol == "distribution":
         return [PromptSet([f"a photo of {s}"], n or 128, ("distribution",))]
     raise PersonalizeError(f"unknown --protocol {cfg.protocol!r}; choose from {', '.join(PROTOCOLS)}")
@@ -135,6 +138,8 @@ NEEDS = {  # metric -> (what it scores, the option naming its network)
     "DINO": ("reference", "dino_model"),
     "CLIP-T": ("text", "clip_model"),
     "ESR": ("esr", "judge"),
+    "judge-I": ("judge", "references"),
+    "judge-DIV": ("judge", None),
     "FID": ("distribution", "inception"),
     "DIV": ("distribution", "lpips_backbone"),
 }
@@ -147,8 +152,14 @@ def plan_metrics(cfg: EvalConfig, plan: list[PromptSet]) -> tuple[list[str], dic
     for name, (score, option) in NEEDS.items():
         if score not in wanted:
             continue
-        flag = "--" + option.replace("_", "-")
-        if name == "ESR" and cfg.judge == "clip" and not cfg.clip_model:
+        flag = "--" + option.replace("_", "-") if option else ""
+        if score == "judge" and not (name == "judge-I" and not cfg.references):
+            run.append(name)  # the toy judge ships with the package
+        elif score == "judge":
+            skipped[name] = "pass --references (the concept's own images)"
+        elif name == "ESR" and cfg.protocol == "toy":
+            run.append(name)
+        elif name == "ESR" and cfg.judge == "clip" and not cfg.clip_model:
             skipped[name] = "pass --clip-model for the zero-shot CLIP judge, or --judge toy / --judge FILE.csv"
         elif name != "ESR" and not getattr(cfg, option):
             skipped[name] = f"pass {flag}"
@@ -233,15 +244,19 @@ def clip_t_text(prompt: str, cfg: EvalConfig) -> str:
     return M.prompt_for_clip_t(prompt, cfg.subject, mode, cfg.class_word)
 
 
+def esr_prompts(cfg: EvalConfig):
+    return TOY_ESR if cfg.protocol == "toy" else SINGLEINSERT_ESR
+
+
 def _judge(cfg: EvalConfig, clip):
+    if cfg.judge == "toy" or cfg.protocol == "toy":
+        from ..toyworld.judge import ToyJudge
+
+        return ToyJudge.load(), {"judge": "toy-world attribute CNN"}
     if cfg.judge == "clip":
         from .esr import ClipJudge
 
         return ClipJudge(clip, cfg.class_word or "person"), {"judge": "zero-shot CLIP", **clip.provenance()}
-    if cfg.judge == "toy":
-        from ..toyworld.judge import ToyJudge
-
-        return ToyJudge.load(), {"judge": "toy-world attribute CNN"}
     from .esr import CsvJudge
 
     return CsvJudge(cfg.judge), {"judge": f"human judgements {cfg.judge}"}
@@ -267,13 +282,13 @@ def load_networks(cfg: EvalConfig, wanted: list[str]) -> Networks:
         nets.clip = M.ClipScorer.load(cfg.clip_model, cfg.allow_download)
     if "DINO" in wanted:
         nets.dino = M.DinoScorer.load(cfg.dino_model, cfg.allow_download)
-    if "ESR" in wanted:
+    if "ESR" in wanted or cfg.protocol == "toy":
         nets.judge, nets.judge_provenance = _judge(cfg, nets.clip)
     if "FID" in wanted:
         nets.inception, nets.heldout = M.InceptionFeatures(cfg.inception), _images(cfg.heldout)
     if "DIV" in wanted:
         nets.lpips = M.LPIPS.load(cfg.lpips_backbone)
-    if {"CLIP-I", "DINO"} & set(wanted):
+    if {"CLIP-I", "DINO", "judge-I"} & set(wanted):
         nets.references = _images(cfg.references)
     return nets
 
@@ -306,12 +321,22 @@ def score(cfg: EvalConfig, plan: list[PromptSet], drawn: list[dict], wanted: lis
                 rows = slice(i * ps.per_prompt, (i + 1) * ps.per_prompt)
                 per_prompt.setdefault(prompt, {})["CLIP-T"] = M.clip_t_from_embeddings(
                     image_emb[rows], text_emb[rows], cfg.clip_t_convention)
+        if "judge" in ps.scores:
+            from . import toy as T
+
+            toy_judge = nets.judge
+            if "judge-I" in wanted:
+                record("judge-I", T.feature_similarity(toy_judge, images, references), len(images),
+                       "mean cos of toy-judge features, generated x reference (the toy CLIP-I)", nets.judge_provenance)
+            record("judge-DIV", T.diversity(toy_judge, images), len(images),
+                   "mean 1 - cos of toy-judge features over distinct pairs (the toy DIV)", nets.judge_provenance)
         if "ESR" in wanted and "esr" in ps.scores:
             judge, provenance = nets.judge, nets.judge_provenance
-            by_template = {p.template: groups[p.template.format(cfg.subject)] for p in SINGLEINSERT_ESR}
-            esr = editing_success_rate(by_template, list(SINGLEINSERT_ESR), judge)
+            esr_list = esr_prompts(cfg)
+            by_template = {p.template: groups[p.template.format(cfg.subject)] for p in esr_list}
+            esr = editing_success_rate(by_template, list(esr_list), judge)
             record("ESR", esr.overall, esr.n_images, "SingleInsert A.2: one point per prompt, 1/k per target", provenance)
-            for p in SINGLEINSERT_ESR:
+            for p in esr_list:
                 per_prompt.setdefault(p.template.format(cfg.subject), {})["ESR"] = esr.per_prompt[p.template]
         if "distribution" in ps.scores:
             if "FID" in wanted:
