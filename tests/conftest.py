@@ -8,6 +8,8 @@ import pytest
 # Keep the user's real cache out of tests (the CLIP tokenizer files are built there once).
 os.environ.setdefault("PERSONALIZE_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "personalize"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests default to the random tiny model (fast, every code path); tests of the toy model name it.
+os.environ["PERSONALIZE_MODEL"] = "tiny"
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -192,7 +192,9 @@ def _load_pipeline(spec: str, model_config: str | None):
 
 
 def _no_safety_checker() -> dict:
-    return {"safety_checker": None, "requires_safety_checker": False}
+    # float32 whatever the files hold (the toy model and many SD folders ship fp16): trainable parameters and CPU
+    # inference need it; --mixed-precision casts the frozen networks down afterwards.
+    return {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch.float32}
 
 
 def _quiet(pipe):

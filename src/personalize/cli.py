@@ -42,7 +42,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) ->
         if "_" in f.name:
             names.append(f"--{f.name}")
         names += f.metadata.get("aliases", [])
-        default = f.default if f.default is not MISSING else None
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if kind is bool:
             parser_action = argparse.BooleanOptionalAction
@@ -122,7 +122,7 @@ def cmd_generate(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
     p.add_argument("--model", "--pretrained_model_name_or_path", default=None,
-                   help="base model the concepts were trained on (default: the first run folder's, else tiny)")
+                   help="base model the concepts were trained on (default: the first run folder's, else $PERSONALIZE_MODEL or toy)")
     p.add_argument("--model-config", default=None, help="diffusers folder with the configs of a single-file checkpoint")
     p.add_argument("--concept", action="append", default=[], help="run folder, embedding file or LoRA file (repeatable)")
     p.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of each --concept's LoRA, in order (default 1)")
@@ -136,7 +136,9 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
     a = p.parse_args(argv)
     run = {} if a.model or not a.concept else run_settings(a.concept[0])  # default: the model the run trained on
-    backbone = load_backbone(a.model or run.get("model") or "tiny", model_config=a.model_config or run.get("model_config"))
+    from .trainer import default_model
+
+    backbone = load_backbone(a.model or run.get("model") or default_model(), model_config=a.model_config or run.get("model_config"))
     scales = a.lora_scale + [1.0] * (len(a.concept) - len(a.lora_scale))
     for concept, scale in zip(a.concept, scales):
         print(f"loaded {install_concept(backbone, concept, lora_scale=scale)} from {concept}")
@@ -146,7 +148,9 @@ def cmd_generate(argv: list[str]) -> int:
     out = Path(a.output)
     for i, image in enumerate(images):
         save_png(image, out / f"{i // len(seeds):02d}-{seeds[i % len(seeds)]}.png")
-    save_png(make_grid(images, len(seeds)), out / "grid.png")
+    zoom = max(1, 128 // images[0].width)  # the toy model's 32 px images: a grid a person can see (pixels kept sharp)
+    tiles = [im.resize((im.width * zoom, im.height * zoom), resample=0) for im in images] if zoom > 1 else images
+    save_png(make_grid(tiles, len(seeds)), out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
 

@@ -35,14 +35,20 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 
 
+def default_model() -> str:
+    """The model used when --model is not given: $PERSONALIZE_MODEL, else the shipped toy model."""
+    return os.environ.get("PERSONALIZE_MODEL") or "toy"
+
+
 @dataclass
 class TrainConfig:
     """Options of the loop itself; each method adds its own (see its config dataclass)."""
 
     method: str = field(default="textual-inversion", metadata={"help": "what to train", "choices": sorted(METHODS)})
     model: str = field(
-        default="tiny",
-        metadata={"help": "base model: tiny | tiny-v | tiny-xl | diffusers folder | .safetensors/.ckpt | hub id",
+        default_factory=default_model,
+        metadata={"help": "base model: toy | tiny | tiny-v | tiny-xl | diffusers folder | .safetensors/.ckpt | hub id "
+                          "($PERSONALIZE_MODEL, else toy)",
                   "aliases": ["--pretrained_model_name_or_path"]},
     )
     model_config: str | None = field(default=None, metadata={"help": "diffusers folder with the configs of a single-file checkpoint"})

@@ -37,6 +37,7 @@ from ..data import image_paths, load_rgb
 from ..errors import PersonalizeError
 from ..export import atomic_write
 from ..generate import run_settings
+from ..trainer import default_model
 from . import metrics as M
 from .esr import editing_success_rate
 from .protocols import BATEX_IMAGE_PROMPT, BATEX_TEXT_PROMPTS, SINGLEINSERT_ESR, TOY_ESR, parse_dreambench
@@ -55,7 +56,7 @@ class EvalConfig:
     protocol: str = field(default="dreambench", metadata={"help": "which paper's protocol", "choices": list(PROTOCOLS)})
     concept: list[str] | None = field(default=None, metadata={"help": "run folder(s), embedding or LoRA file(s) to load"})
     output: str | None = field(default=None, metadata={"help": "folder for samples/ and report.{json,md,html}"})
-    model: str | None = field(default=None, metadata={"help": "base model (default: the run's, else tiny)"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the run's, else $PERSONALIZE_MODEL or toy)"})
     model_config: str | None = field(default=None, metadata={"help": "diffusers folder with a single-file checkpoint's configs"})
     references: str | None = field(default=None, metadata={"help": "reference images for CLIP-I/DINO (default: the run's --images)"})
     heldout: str | None = field(default=None, metadata={"help": "distribution: held-out real images FID compares with"})
@@ -106,7 +107,7 @@ def resolve_defaults(cfg: EvalConfig) -> EvalConfig:
     if subject is None:
         subject = f"{token} {class_word}" if class_word and run.get("method") in CLASS_WORD_METHODS else token
     model = {"model": cfg.model, "model_config": cfg.model_config} if cfg.model else {
-        "model": run.get("model") or "tiny", "model_config": cfg.model_config or run.get("model_config")}
+        "model": run.get("model") or default_model(), "model_config": cfg.model_config or run.get("model_config")}
     return EvalConfig(**{**asdict(cfg), **model, "class_word": class_word,
                          "subject": subject, "references": cfg.references or run.get("images")})
 
