@@ -279,7 +279,7 @@ class Networks:
 
 def load_networks(cfg: EvalConfig, wanted: list[str]) -> Networks:
     nets = Networks()
-    if {"CLIP-I", "CLIP-T"} & set(wanted) or ("ESR" in wanted and cfg.judge == "clip"):
+    if {"CLIP-I", "CLIP-T"} & set(wanted) or ("ESR" in wanted and cfg.judge == "clip" and cfg.protocol != "toy"):
         nets.clip = M.ClipScorer.load(cfg.clip_model, cfg.allow_download)
     if "DINO" in wanted:
         nets.dino = M.DinoScorer.load(cfg.dino_model, cfg.allow_download)
