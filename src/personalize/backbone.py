@@ -194,7 +194,14 @@ def _load_pipeline(spec: str, model_config: str | None):
 def _no_safety_checker() -> dict:
     # float32 whatever the files hold (the toy model and many SD folders ship fp16): trainable parameters and CPU
     # inference need it; --mixed-precision casts the frozen networks down afterwards.
-    return {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch.float32}
+    return {"safety_checker": None, "requires_safety_checker": False, _dtype_keyword(): torch.float32}
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns since the rename)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def _quiet(pipe):

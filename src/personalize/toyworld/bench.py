@@ -2,6 +2,8 @@
 
 Suites (each a table in the report; rows are methods, figures mean ± std over concepts × seeds):
 
+- `base-model`: how faithfully the toy model draws full captions of random scenes (the judge's reading of each
+  attribute against the caption), and the held-out combinations from their full description.
 - `embeddings` (BaTex Tables 2/5): Textual Inversion vs BaTex on the held-out concepts (colour-shape-pattern
   combinations the model draws but no caption named whole), 5 renders each, init word = the shape. Image
   alignment ("a <c>": all three traits drawn; judge-feature cosine to the training renders), text alignment over
@@ -44,7 +46,7 @@ from ..export import atomic_write
 from .world import BACKGROUNDS, CATEGORIES, COLOURS, HELD_OUT, SHAPES, random_scene, render
 
 _LOG = logging.getLogger("personalize.bench")
-SUITES = ("embeddings", "init-word", "basis-size", "singleinsert", "distribution")
+SUITES = ("base-model", "embeddings", "init-word", "basis-size", "singleinsert", "distribution")
 TOKEN = "<concept>"
 # Learning rates on the toy model (before the trainer's batch-size scaling), from two short probes each: the
 # methods' SD defaults (5e-4) barely move a 64-d toy embedding in 300 steps.
@@ -224,6 +226,27 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
     return rows
 
 
+def suite_base_model(cfg: BenchConfig, judge, work: Path) -> list[dict]:
+    from .world import describe
+
+    sample, rows, rng = Sampler(cfg), [], random.Random(7)
+    scenes = [random_scene(rng) for _ in range(cfg.samples * 4)]
+    backbone = _toy()
+    readings = [judge.predict(sample(backbone, describe(s), 1))[0] for s in scenes]
+    row = {"suite": "base-model", "method": f"{len(scenes)} random scenes, full caption", "concept": "all", "seed": 0}
+    for attribute in ("shape", "colour", "pattern", "background", "size"):
+        row[attribute] = sum(r[attribute] == getattr(s, attribute) for r, s in zip(readings, scenes)) / len(scenes)
+    rows.append(row)
+    for concept in HELD_OUT:
+        traits = concept_traits(concept)
+        images = sample(backbone, f"a {traits['colour']} {traits['pattern']} {traits['shape']}", cfg.samples)
+        r = judge.predict(images)
+        rows.append({"suite": "base-model", "method": "held-out concept, full description", "concept": "-".join(concept),
+                     "seed": 0, **{a: T.concept_rate(r, {a: v}) for a, v in traits.items()},
+                     "all_three": T.concept_rate(r, traits)})
+    return rows
+
+
 def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     from ..methods import SingleInsertConfig, TextualInversionConfig
 
@@ -330,7 +353,8 @@ def summarise(rows: list[dict]) -> str:
     lines = []
     for suite in dict.fromkeys(r["suite"] for r in rows):
         suite_rows = [r for r in rows if r["suite"] == suite]
-        keys = [k for k, v in suite_rows[-1].items() if isinstance(v, (int, float)) and k not in ("seed",)]
+        keys = list(dict.fromkeys(k for r in suite_rows for k, v in r.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"))
         lines += [f"\n### {suite}\n", "| method | N | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         for method in dict.fromkeys(r["method"] for r in suite_rows):
             group = [r for r in suite_rows if r["method"] == method]
@@ -361,7 +385,9 @@ def bench(cfg: BenchConfig) -> list[Path]:
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for suite in cfg.suite:
-        if suite == "singleinsert":
+        if suite == "base-model":
+            rows += suite_base_model(cfg, judge, work / suite)
+        elif suite == "singleinsert":
             rows += suite_singleinsert(cfg, judge, work / suite)
         elif suite == "distribution":
             rows += suite_distribution(cfg, judge, work / suite)
