@@ -10,6 +10,8 @@ os.environ.setdefault("PERSONALIZE_CACHE", str(Path(__file__).resolve().parent.p
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests default to the random tiny model (fast, every code path); tests of the toy model name it.
 os.environ["PERSONALIZE_MODEL"] = "tiny"
+for _name in ("CLIP", "DINO", "INCEPTION", "LPIPS_BACKBONE"):  # a user's metric networks must not leak into tests
+    os.environ.pop(f"PERSONALIZE_{_name}", None)
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,11 @@ SAMPLES_DIR = "samples"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
+def _env(name: str) -> str | None:
+    """Metric networks can also be named once per machine: $PERSONALIZE_CLIP, _DINO, _INCEPTION, _LPIPS_BACKBONE."""
+    return os.environ.get(f"PERSONALIZE_{name}") or None
+
+
 @dataclass
 class EvalConfig:
     protocol: str = field(default="dreambench", metadata={"help": "which paper's protocol", "choices": list(PROTOCOLS)})
@@ -63,10 +69,14 @@ class EvalConfig:
     subject: str | None = field(default=None, metadata={"help": "how prompts name the concept (default: from the run)"})
     class_word: str | None = field(default=None, metadata={"help": "the concept's class, e.g. dog (default: from the run)"})
     num_images: int | None = field(default=None, metadata={"help": "images per prompt (default: the protocol's)"})
-    clip_model: str | None = field(default=None, metadata={"help": "CLIP folder or cached hub id (CLIP-I, CLIP-T, ESR clip judge)"})
-    dino_model: str | None = field(default=None, metadata={"help": "DINO ViT folder or cached hub id (DINO)"})
-    lpips_backbone: str | None = field(default=None, metadata={"help": "torchvision AlexNet weights file (DIV)"})
-    inception: str | None = field(default=None, metadata={"help": "TorchScript inception-2015-12-05.pt (FID)"})
+    clip_model: str | None = field(default_factory=lambda: _env("CLIP"), metadata={
+        "help": "CLIP folder or cached hub id (CLIP-I, CLIP-T, ESR clip judge; $PERSONALIZE_CLIP)", "aliases": ["--clip"]})
+    dino_model: str | None = field(default_factory=lambda: _env("DINO"), metadata={
+        "help": "DINO ViT folder or cached hub id (DINO; $PERSONALIZE_DINO)", "aliases": ["--dino"]})
+    lpips_backbone: str | None = field(default_factory=lambda: _env("LPIPS_BACKBONE"), metadata={
+        "help": "torchvision AlexNet weights file (DIV; $PERSONALIZE_LPIPS_BACKBONE)"})
+    inception: str | None = field(default_factory=lambda: _env("INCEPTION"), metadata={
+        "help": "TorchScript inception-2015-12-05.pt (FID; $PERSONALIZE_INCEPTION)"})
     clip_t_convention: str = field(default="raw", metadata={"help": "CLIP-T as mean cosine or CLIPScore", "choices": list(M.CLIP_T_CONVENTIONS)})
     judge: str = field(default="clip", metadata={"help": "ESR judge: clip, toy, or a CSV file image,target,success"})
     steps: int = field(default=50, metadata={"help": "sampler steps"})
