@@ -55,10 +55,10 @@ _VERSIONED_LIBRARIES = ("personalize", "torch", "transformers", "numpy", "Pillow
 # --------------------------------------------------------------------------------------------- provenance
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Sequence[str] = _VERSIONED_LIBRARIES) -> dict[str, str]:
     """Versions of the libraries a figure depends on (a changed resize kernel changes the numbers)."""
     versions = {}
-    for name in _VERSIONED_LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -232,6 +232,17 @@ def _weights_sha256(source: ModelSource | None) -> str | None:
     return None
 
 
+def _source_provenance(scorer) -> dict:
+    """Model, revision and weights sha256 of a CLIP/DINO scorer (hashed once, lazily: gigabytes)."""
+    if scorer._sha256 is None:
+        scorer._sha256 = _weights_sha256(scorer.source) or ""
+    return {
+        "model": scorer.source.name if scorer.source else f"in-memory {type(scorer.model).__name__}",
+        "revision": scorer.source.revision if scorer.source else None,
+        "weights_sha256": scorer._sha256 or None,
+    }
+
+
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -329,12 +340,8 @@ class ClipScorer:
 
     def provenance(self) -> dict:
         """Model, revision, weights sha256 (hashed once, lazily: gigabytes) and preprocessing, for MetricResult."""
-        if self._sha256 is None:
-            self._sha256 = _weights_sha256(self.source) or ""
         return {
-            "model": self.source.name if self.source else f"in-memory {type(self.model).__name__}",
-            "revision": self.source.revision if self.source else None,
-            "weights_sha256": self._sha256 or None,
+            **_source_provenance(self),
             "preprocessing": f"short side {self.image_size} bicubic (Pillow), centre crop {self.image_size}, "
                              f"mean {list(self.mean)}, std {list(self.std)}",
             "embedding": "projected pooled output, L2-normalised",
@@ -429,12 +436,8 @@ class DinoScorer:
                    device=device, source=source, resize_to=resize_to)
 
     def provenance(self) -> dict:
-        if self._sha256 is None:
-            self._sha256 = _weights_sha256(self.source) or ""
         return {
-            "model": self.source.name if self.source else f"in-memory {type(self.model).__name__}",
-            "revision": self.source.revision if self.source else None,
-            "weights_sha256": self._sha256 or None,
+            **_source_provenance(self),
             "preprocessing": f"short side {self.resize_to} bicubic (Pillow), centre crop {self.image_size}, "
                              f"mean {list(self.mean)}, std {list(self.std)}",
             "embedding": "last_hidden_state[:, 0] (CLS after final LayerNorm), L2-normalised",

@@ -7,27 +7,15 @@ import base64
 import html
 import io
 import json
-import platform
 from dataclasses import asdict, is_dataclass
-from importlib import metadata
 from pathlib import Path
 
 from PIL import Image
 
 from ..export import atomic_write
+from .metrics import library_versions
 
 LIBRARIES = ("personalize", "torch", "diffusers", "transformers", "peft")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["python"] = platform.python_version()
-    return versions
 
 
 def _plain(value):
@@ -47,7 +35,7 @@ def write_report(output: str | Path, metrics: list, *, context: dict, references
     """report.json, report.md and report.html in `output`; returns their paths."""
     output = Path(output)
     rows = [_plain(m) for m in metrics]
-    payload = {"context": context, "versions": library_versions(), "metrics": rows, "per_prompt": per_prompt or {}}
+    payload = {"context": context, "versions": library_versions(LIBRARIES), "metrics": rows, "per_prompt": per_prompt or {}}
     json_file = atomic_write(output / "report.json", lambda t: t.write_text(json.dumps(payload, indent=1, default=str)))
 
     lines = ["| metric | value | N | convention |", "|---|---|---|---|"]

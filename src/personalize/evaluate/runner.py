@@ -144,42 +144,41 @@ def protocol_plan(cfg: EvalConfig) -> list[PromptSet]:
 # -- which metrics can run -------------------------------------------------------------------------------------
 
 
-NEEDS = {  # metric -> (what it scores, the option naming its network)
-    "CLIP-I": ("reference", "clip_model"),
-    "DINO": ("reference", "dino_model"),
-    "CLIP-T": ("text", "clip_model"),
-    "ESR": ("esr", "judge"),
-    "judge-I": ("judge", "references"),
-    "judge-DIV": ("judge", None),
-    "FID": ("distribution", "inception"),
-    "DIV": ("distribution", "lpips_backbone"),
+SCORES = {  # metric -> the kind of images it scores (PromptSet.scores)
+    "CLIP-I": "reference", "DINO": "reference", "CLIP-T": "text", "ESR": "esr",
+    "judge-I": "judge", "judge-DIV": "judge", "FID": "distribution", "DIV": "distribution",
 }
+OPTION_HELP = {
+    "clip_model": "--clip-model", "dino_model": "--dino-model", "inception": "--inception",
+    "lpips_backbone": "--lpips-backbone", "references": "--references (the concept's own images)",
+    "heldout": "--heldout (held-out real images of the category)",
+}
+
+
+def _needs(cfg: EvalConfig, metric: str) -> tuple[str, ...]:
+    """The options a metric cannot run without (the toy judge ships with the package)."""
+    clip_judge = cfg.judge == "clip" and cfg.protocol != "toy"
+    return {
+        "CLIP-I": ("clip_model", "references"), "DINO": ("dino_model", "references"), "CLIP-T": ("clip_model",),
+        "ESR": ("clip_model",) if clip_judge else (), "judge-I": ("references",), "judge-DIV": (),
+        "FID": ("inception", "heldout"), "DIV": ("lpips_backbone",),
+    }[metric]
 
 
 def plan_metrics(cfg: EvalConfig, plan: list[PromptSet]) -> tuple[list[str], dict[str, str]]:
     """(metrics to compute, {skipped metric: why}); refuses when nothing can be computed."""
     wanted = {score for ps in plan for score in ps.scores}
     run, skipped = [], {}
-    for name, (score, option) in NEEDS.items():
+    for name, score in SCORES.items():
         if score not in wanted:
             continue
-        flag = "--" + option.replace("_", "-") if option else ""
-        if score == "judge" and not (name == "judge-I" and not cfg.references):
-            run.append(name)  # the toy judge ships with the package
-        elif score == "judge":
-            skipped[name] = "pass --references (the concept's own images)"
-        elif name == "ESR" and cfg.protocol == "toy":
+        missing = [OPTION_HELP[o] for o in _needs(cfg, name) if not getattr(cfg, o)]
+        if not missing:
             run.append(name)
-        elif name == "ESR" and cfg.judge == "clip" and not cfg.clip_model:
+        elif name == "ESR":
             skipped[name] = "pass --clip-model for the zero-shot CLIP judge, or --judge toy / --judge FILE.csv"
-        elif name != "ESR" and not getattr(cfg, option):
-            skipped[name] = f"pass {flag}"
-        elif score == "reference" and not cfg.references:
-            skipped[name] = "pass --references (the concept's own images)"
-        elif name == "FID" and not cfg.heldout:
-            skipped[name] = "pass --heldout (held-out real images of the category)"
         else:
-            run.append(name)
+            skipped[name] = "pass " + " and ".join(missing)
     if not run:
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise PersonalizeError(f"no metric of the {cfg.protocol} protocol can be computed ({reasons})")

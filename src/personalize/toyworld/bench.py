@@ -92,14 +92,11 @@ def render_set(folder: Path, n: int, seed: int, masks: bool = False, **fixed) ->
 # -- one run -------------------------------------------------------------------------------------------------
 
 
-def train_run(out: Path, method: str, method_cfg, images: Path, steps: int, seed: int, previews: int = 8,
-              lr: float | None = None, batch_size: int = 4) -> float:
+def train_run(out: Path, method: str, method_cfg, images: Path, steps: int, seed: int, subject: str,
+              previews: int = 8, lr: float | None = None, batch_size: int = 4) -> float:
     """Train on the toy model with previews of "a <subject>" every steps/5; return the wall time in seconds."""
     from ..trainer import TrainConfig, train
 
-    subject = getattr(method_cfg, "token", TOKEN)
-    if getattr(method_cfg, "class_word", None) and method != "textual-inversion" and method != "batex":
-        subject = f"{subject} {method_cfg.class_word}"
     cfg = TrainConfig(method=method, model="toy", images=str(images), output=str(out), steps=steps, seed=seed, lr=lr,
                       batch_size=batch_size, validation_steps=max(1, steps // 5), validation_prompts=[f"a {subject}"],
                       num_validation_images=previews, inference_steps=25, guidance=4.0, checkpointing_steps=10**9,
@@ -215,7 +212,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
         for label, method_cfg, method in runs:
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_')}-{seed}"
-                seconds = train_run(out, method, method_cfg, work / name / "images", steps, seed, lr=BENCH_LR[method])
+                seconds = train_run(out, method, method_cfg, work / name / "images", steps, seed, TOKEN, lr=BENCH_LR[method])
                 curve = preview_curve(out, judge, traits)
                 grid = Path(cfg.output) / "grids" / f"{variant}-{name}-{label.replace(' ', '_')}-{seed}.png"
                 row = {"suite": variant, "method": label, "concept": name, "seed": seed, "init_word": init,
@@ -278,8 +275,8 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                     steps = method_cfg.stage1_steps + method_cfg.stage2_steps
                 else:
                     steps = cfg.steps or 300
-                seconds = train_run(out, method, method_cfg, folder, steps, seed, lr=BENCH_LR.get(method))
                 subject = TOKEN if method == "textual-inversion" else f"{TOKEN} {traits['shape']}"
+                seconds = train_run(out, method, method_cfg, folder, steps, seed, subject, lr=BENCH_LR.get(method))
                 backbone = _toy([out])
                 images = sample(backbone, f"a {subject}", cfg.samples)
                 save_grid(images, Path(cfg.output) / "grids" / f"singleinsert-{name}-{out.name}.png")
@@ -331,7 +328,7 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         for label, method, method_cfg in runs:
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_').replace(':', '')}-{seed}"
-                seconds = train_run(out, method, method_cfg, folder, steps, seed, previews=4)
+                seconds = train_run(out, method, method_cfg, folder, steps, seed, f"sks {class_word}", previews=4)
                 images = sample(_toy([out]), f"a photo of sks {class_word}", n_generated)
                 save_grid(images, Path(cfg.output) / "grids" / f"distribution-{name}-{out.name}.png")
                 rows.append({"suite": "distribution", "method": label, "concept": name, "seed": seed,
