@@ -142,6 +142,19 @@ def test_preview_curve_and_convergence(tmp_path):
     assert "| a | 2 | 2 ± 1.4 |" in table and "| b | 1 | 0.5 |" in table
 
 
+def test_methods_option_keeps_only_the_named_rows(caplog):
+    import logging
+
+    from personalize.toyworld.bench import BenchConfig, select_runs
+
+    runs = [("textual-inversion", 1), ("batex", 2), ("batex M=8", 3)]
+    assert select_runs(BenchConfig(), "s", runs) == runs
+    assert select_runs(BenchConfig(methods=["batex", "nope"]), "s", runs) == [("batex", 2)]
+    with caplog.at_level(logging.WARNING, logger="personalize.bench"):
+        assert select_runs(BenchConfig(methods=["nope"]), "s", runs) == []
+    assert "textual-inversion, batex, batex M=8" in caplog.text
+
+
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists() or not (WEIGHTS_DIR / "judge.safetensors").exists(),
                     reason="toy model or judge not shipped")
 def test_a_short_textual_inversion_run_learns_a_held_out_concept(tmp_path):

@@ -223,3 +223,48 @@ def test_sdxl_gets_each_images_size_and_crop_conditioning(tmp_path, monkeypatch)
     run(["--model", "tiny-xl", "--images", tmp_path, "--output", tmp_path / "o", "--init-word", "cat", "--steps", 1,
          "--batch-size", 4, "--num-validation-images", 0])
     assert {tuple(r) for r in seen[0].tolist()} <= {tuple(r) for r in ids.tolist()} and seen[0][:, 0].max() in (30, 40)
+
+
+def test_ti_with_lora_steps_vectors_and_unet_lora_together_at_their_own_rates(tmp_path, monkeypatch):
+    """TI+LoRA: one loss, one optimiser step moves both parts; the LoRA's rate is its own; the folder draws with both."""
+    import numpy as np
+
+    from personalize.generate import generate_images, install_concept
+
+    m = TextualInversion(TextualInversionConfig(init_word="cat", lora_rank=2), load_backbone("tiny"))
+    (vectors, lora), = [m.optimizer_groups("main", 1e-2)]
+    assert vectors["lr"] == 1e-2 and lora["lr"] == pytest.approx(2e-3) and len(lora["params"]) > 0
+    m2 = TextualInversion(TextualInversionConfig(init_word="cat", lora_rank=2, lora_lr=3e-4), load_backbone("tiny"))
+    assert m2.optimizer_groups("main", 1e-2)[1]["lr"] == 3e-4
+    assert len(TextualInversion(TextualInversionConfig(init_word="cat"), load_backbone("tiny")).optimizer_groups("main", 1)) == 1
+
+    calls = []
+    original = TextualInversion.loss
+    monkeypatch.setattr(TextualInversion, "loss", lambda self, b, g: calls.append(g) or original(self, b, g))
+    out = tmp_path / "ti-lora"
+    run(base_args(out, "--steps", 3, "--lr", "5e-3", "--lora-rank", 2, "--lora-lr", "1e-3"))
+    assert calls == ["main"] * 3  # one forward/backward per step for both parts
+    lora_file = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in lora_file.items() if "lora_B" in k]
+    assert ups and all(k.startswith("unet.") for k in lora_file) and any(v.abs().max() > 0 for v in ups)  # B starts at 0
+    cat = load_backbone("tiny").text_encoders[0].get_input_embeddings().weight[2368]
+    assert not torch.allclose(embeds(out)["<concept>"][0], cat)
+    assert (out / "concept.kohya.safetensors").is_file()
+
+    def draw(*files):
+        backbone = load_backbone("tiny")
+        loaded = [install_concept(backbone, f) for f in files]
+        image = generate_images(backbone, ["a photo of <concept>"], [0], steps=2)[0]
+        return loaded, torch.tensor(np.asarray(image), dtype=torch.float)
+
+    loaded, both = draw(out)
+    assert "LoRA" in loaded[0] and "<concept>" in loaded[0]
+    _, vectors_only = draw(out / "learned_embeds.safetensors")
+    assert (both - vectors_only).abs().max() > 0  # the LoRA changes what the folder draws
+    _, kohya = draw(out / "learned_embeds.safetensors", out / "concept.kohya.safetensors")
+    assert (kohya - both).abs().max() <= 1  # the kohya file is the same LoRA
+
+
+def test_negative_lora_rank_is_refused(tmp_path, capsys):
+    run(base_args(tmp_path / "o", "--steps", 1, "--lora-rank", -1), expect=2)
+    assert "--lora-rank" in capsys.readouterr().err

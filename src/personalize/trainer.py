@@ -292,8 +292,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     optimizers, schedulers = {}, {}
     groups = method.param_groups()
     rates = method.learning_rates(lr)
-    for group, params in groups.items():
-        optimizer = torch.optim.AdamW(params, lr=rates.get(group, lr), weight_decay=weight_decay)
+    for group in groups:
+        optimizer = torch.optim.AdamW(method.optimizer_groups(group, rates.get(group, lr)), weight_decay=weight_decay)
         warmup = max(cfg.lr_warmup_steps, 1)
         schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         optimizers[group] = accelerator.prepare_optimizer(optimizer)

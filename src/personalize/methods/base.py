@@ -44,6 +44,11 @@ class Method(nn.Module):
         """Per-group learning rate, given the run's (scaled) one; groups not named use `lr`."""
         return {}
 
+    def optimizer_groups(self, group: str, lr: float) -> list[dict]:
+        """torch parameter groups of `group`'s optimiser at rate `lr`; override to give parts their own rate
+        (they still step together, on one loss)."""
+        return [{"params": self.param_groups()[group], "lr": lr}]
+
     def schedule(self, step: int) -> list[str]:
         """Groups that take a sub-step at `step`, in order (one optimiser step each)."""
         return ["main"]

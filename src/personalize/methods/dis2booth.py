@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..errors import PersonalizeError
 from ..lora import adapter_state, scaling, set_adapter_state
 from .base import Batch
-from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig, _json_safe, save_lora_files
+from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig, _json_safe, adapter_layers, save_lora_files
 
 
 @dataclass
@@ -248,8 +248,6 @@ class Dis2Booth(DreamBoothLora):
         files = save_lora_files(self.backbone, output_dir, {"unet": fused}, {"unet": fused_meta}, {"unet": rank},
                                 step=step, stem=self.config.token)
         for adapter in self.adapters:  # the two parts, to recombine with set_adapters([...], [α, β])
-            config = self.unet.peft_config[adapter]
-            files += save_lora_files(self.backbone, output_dir / adapter, {"unet": adapter_state(self.unet, adapter)},
-                                     {"unet": _json_safe(config.to_dict())}, {"unet": config.lora_alpha},
+            files += save_lora_files(self.backbone, output_dir / adapter, *adapter_layers({"unet": self.unet}, adapter),
                                      step=step, stem=f"{self.config.token}-{adapter}")
         return files

@@ -115,22 +115,22 @@ class DreamBoothLora(Method):
         return [f"a photo of {subject}", f"a photo of {subject} on the beach"]
 
     # -- files -------------------------------------------------------------------------------------------------
-    def export_layers(self) -> tuple[dict, dict, dict]:
-        """(peft state per component, LoraConfig dict per component, alpha per component) of the final LoRA."""
-        layers, meta, alphas = {}, {}, {}
-        for component, module in self.components().items():
-            layers[component] = adapter_state(module, "default")
-            config = module.peft_config["default"]
-            meta[component] = _json_safe(config.to_dict())
-            alphas[component] = config.lora_alpha
-        return layers, meta, alphas
-
     def save(self, output_dir: Path, step: int) -> list[Path]:
-        return save_lora_files(self.backbone, output_dir, *self.export_layers(), step=step, stem=self.config.token)
+        return save_lora_files(self.backbone, output_dir, *adapter_layers(self.components()), step=step, stem=self.config.token)
 
 
 def _json_safe(d: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+
+
+def adapter_layers(parts: dict[str, torch.nn.Module], adapter: str = "default") -> tuple[dict, dict, dict]:
+    """(peft state, LoraConfig dict, alpha) per component of one adapter: what `save_lora_files` writes."""
+    layers, meta, alphas = {}, {}, {}
+    for component, module in parts.items():
+        layers[component] = adapter_state(module, adapter)
+        config = module.peft_config[adapter]
+        meta[component], alphas[component] = _json_safe(config.to_dict()), config.lora_alpha
+    return layers, meta, alphas
 
 
 def save_lora_files(backbone, output_dir: Path, layers, meta, alphas, *, step: int, stem: str, kohya_name: str | None = None) -> list[Path]:

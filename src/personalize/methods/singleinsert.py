@@ -39,10 +39,10 @@ from torch import nn
 from ..concepts import add_placeholder_tokens, concept_embedding
 from ..errors import PersonalizeError
 from ..export import save_embeddings, save_safetensors
-from ..lora import TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora
+from ..lora import TEXT_TARGETS, UNET_TARGETS, add_lora
 from ..losses import sample_noise
 from .base import Batch, Method
-from .dreambooth_lora import _json_safe, save_lora_files
+from .dreambooth_lora import adapter_layers, save_lora_files
 
 
 @dataclass
@@ -276,15 +276,10 @@ class SingleInsert(Method):
             vectors = [v[0].float().cpu() for v in self.image_encoder(self.images[:1])]
         files = save_embeddings(output_dir, self.config.token, vectors, step=step, model_name=self.backbone.name)
         if self.config.stage2_steps > 0:
-            layers, meta, alphas = {}, {}, {}
             parts = {"unet": self.backbone.unet, "text_encoder": self.backbone.text_encoders[0]}
             if len(self.backbone.text_encoders) > 1:
                 parts["text_encoder_2"] = self.backbone.text_encoders[1]
-            for component, module in parts.items():
-                layers[component] = adapter_state(module, "default")
-                config = module.peft_config["default"]
-                meta[component], alphas[component] = _json_safe(config.to_dict()), config.lora_alpha
-            files += save_lora_files(self.backbone, output_dir, layers, meta, alphas, step=step,
+            files += save_lora_files(self.backbone, output_dir, *adapter_layers(parts), step=step,
                                      stem=files[0].stem, kohya_name=f"{self.config.token.strip('<>') or 'concept'}")
         encoder_state = {k: v.detach().float().cpu() for k, v in self.image_encoder.state_dict().items()}
         files.append(save_safetensors(output_dir / "image_encoder.safetensors", encoder_state, {"encoder": self.config.encoder}))

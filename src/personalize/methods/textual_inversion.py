@@ -10,6 +10,11 @@ or 'style' prompt templates of the original paper.
 Multi-token init words: an init word the tokenizer splits into k pieces is accepted with `--num-vectors k`
 (vector i starts at piece i) and refused otherwise, with a message naming the pieces. A single-token init word
 starts every vector.
+
+TI+LoRA (`--lora-rank r`, the "TI+DB" baseline of SingleInsert's tables, pivotal-tuning style): a rank-r LoRA on the
+UNet's attention (to_q/k/v/out) trains jointly with the vectors, on the same loss and in the same optimiser step,
+at its own rate (`--lora-lr`; default the vectors' rate / 5, the ratio of DreamBooth-LoRA's 1e-4 to TI's 5e-4).
+The run then writes the embedding files and the diffusers and kohya LoRA files; `generate` loads both from the folder.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from torch import nn
 from ..concepts import FreeVectors, add_placeholder_tokens, concept_embedding, expand_prompt
 from ..errors import PersonalizeError
 from ..export import save_embeddings
+from ..lora import UNET_TARGETS, add_lora
 from ..losses import denoise, diffusion_loss
 from .base import Batch, Method
+from .dreambooth_lora import adapter_layers, save_lora_files
 
 OBJECT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -59,6 +66,8 @@ class TextualInversionConfig:
     num_vectors: int = field(default=1, metadata={"help": "vectors per placeholder (more = more capacity, less editability)"})
     templates: str = field(default="object", metadata={"help": "training prompt templates", "choices": sorted(TEMPLATES)})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the trained vectors"})
+    lora_rank: int = field(default=0, metadata={"help": "also train a rank-r LoRA of the UNet with the vectors (TI+LoRA); 0 = plain TI"})
+    lora_lr: float | None = field(default=None, metadata={"help": "learning rate of that LoRA, used as given (default: the vectors' scaled rate / 5)"})
 
 
 class TextualInversion(Method):
@@ -73,6 +82,8 @@ class TextualInversion(Method):
             raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat")
         if config.num_vectors < 1:
             raise PersonalizeError("--num-vectors must be at least 1")
+        if config.lora_rank < 0:
+            raise PersonalizeError("--lora-rank must be 0 (no LoRA) or a positive rank")
         self.config, self.backbone = config, backbone
         self.sources = nn.ModuleList()
         for tokenizer, encoder in zip(backbone.tokenizers, backbone.text_encoders):
@@ -84,6 +95,9 @@ class TextualInversion(Method):
         templates = TEMPLATES[config.templates]
         self.prompts = [expand_prompt(t.format(config.token), config.token, config.num_vectors) for t in templates]
         self.prompt_ids = backbone.tokenize(self.prompts)  # tokenised once: the step samples rows
+        self.lora = nn.ParameterList()
+        if config.lora_rank:  # TI+LoRA (module docstring)
+            self.lora.extend(add_lora(backbone.unet, "default", config.lora_rank, None, UNET_TARGETS))
 
     def _init_ids(self, tokenizer) -> list[int]:
         """The init word's token id for each vector (see the module docstring for the multi-token rule)."""
@@ -106,7 +120,11 @@ class TextualInversion(Method):
         return FreeVectors(table[init_ids])
 
     def param_groups(self):
-        return {"main": list(self.sources.parameters())}
+        return {"main": list(self.sources.parameters()) + list(self.lora)}
+
+    def optimizer_groups(self, group: str, lr: float) -> list[dict]:
+        vectors = [{"params": list(self.sources.parameters()), "lr": lr}]
+        return vectors + ([{"params": list(self.lora), "lr": self.config.lora_lr or lr / 5}] if len(self.lora) else [])
 
     def loss(self, batch: Batch, group: str):
         rows = torch.randint(0, len(self.prompts), (batch.latents.shape[0],), generator=batch.generator)
@@ -125,4 +143,8 @@ class TextualInversion(Method):
         return [source().detach().float().cpu().clone() for source in self.sources]
 
     def save(self, output_dir: Path, step: int) -> list[Path]:
-        return save_embeddings(output_dir, self.config.token, self.vectors(), step=step, model_name=self.backbone.name)
+        files = save_embeddings(output_dir, self.config.token, self.vectors(), step=step, model_name=self.backbone.name)
+        if len(self.lora):
+            files += save_lora_files(self.backbone, output_dir, *adapter_layers({"unet": self.backbone.unet}), step=step,
+                                     stem=files[0].stem, kohya_name=self.config.token.strip("<>") or "concept")
+        return files

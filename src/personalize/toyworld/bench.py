@@ -13,15 +13,18 @@ Suites (each a table in the report; rows are methods, figures mean ± std over c
   description and with the init word only.
 - `init-word` (BaTex Tables 6/7): the same with an unrelated init word (another shape).
 - `basis-size` (BaTex Table 4): BaTex with M = d/8, 3d/4 (the default) and 4d.
-- `singleinsert` (SingleInsert Table 2): one render with its exact mask on a pink background; Textual Inversion on
-  it, SingleInsert's ablation (baseline = plain reconstruction; + L_fg; + L_bg; + L_sm = full), Stage I only, and
-  the official code's semantic reference (LoRA text encoder). Foreground alignment, background leakage (share of
-  "a <c> <class>" samples on the source's pink), text alignment (background swaps), diversity, toy ESR.
+- `singleinsert` (SingleInsert Table 2): one render with its exact mask on a pink background; Textual Inversion and
+  TI+LoRA (the paper's "TI+DB") on it, SingleInsert's ablation (baseline = plain reconstruction; + L_fg; + L_bg;
+  + L_sm = full), Stage I only, and the official code's semantic reference (LoRA text encoder). Foreground
+  alignment, background leakage (share of "a <c> <class>" samples on the source's pink), text alignment (background
+  swaps), diversity, toy ESR.
 - `distribution` (Dis²Booth): a varied category (30 reference renders sharing one trait, the rest random);
-  DreamBooth-LoRA vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
+  DreamBooth-LoRA (at the same steps, and at as many optimizer updates as Dis²Booth's 1 anchor + k delta sub-steps
+  make) vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
   Fréchet distance to 128 held-out renders of the category, diversity, share keeping the common trait; floor row:
   as many fresh real renders as generated images (Fréchet distances are only comparable at the same N).
 
+`--methods LABEL ...` keeps only those trained rows (reference rows are always measured).
 Writes OUTPUT/bench.json (every row), OUTPUT/bench.md (the tables) and OUTPUT/grids/*.png (samples per row).
 """
 
@@ -33,7 +36,7 @@ import random
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -51,6 +54,8 @@ TOKEN = "<concept>"
 # Learning rates on the toy model (before the trainer's batch-size scaling), from two short probes each: the
 # methods' SD defaults (5e-4) barely move a 64-d toy embedding in 300 steps.
 BENCH_LR = {"textual-inversion": 5e-3, "batex": 2e-2}
+# TI+LoRA's LoRA (rank 4, as SingleInsert's): DreamBooth-LoRA's default 1e-4 × batch 4, as the trainer scales it.
+TI_LORA_LR = 4e-4
 SOURCE_BACKGROUND = "pink"  # SingleInsert's source scene: a background no edit prompt asks for
 
 
@@ -66,6 +71,7 @@ class BenchConfig:
     inference_steps: int = field(default=25, metadata={"help": "sampler steps"})
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance"})
     keep_runs: bool = field(default=False, metadata={"help": "keep every run's folder under OUTPUT/runs"})
+    methods: list[str] = field(default_factory=list, metadata={"help": "only the trained rows with these labels (as in bench.md); default all"})
 
 
 # -- the world's training sets ---------------------------------------------------------------------------------
@@ -177,6 +183,16 @@ def save_grid(images: list[Image.Image], path: Path) -> None:
 # -- suites ----------------------------------------------------------------------------------------------------
 
 
+def select_runs(cfg: BenchConfig, suite: str, runs: list[tuple]) -> list[tuple]:
+    """The runs (label first) that --methods names; all when it names none."""
+    if not cfg.methods:
+        return runs
+    chosen = [run for run in runs if run[0] in cfg.methods]
+    if not chosen:
+        _LOG.warning("--methods names no row of suite %s; its rows: %s", suite, ", ".join(run[0] for run in runs))
+    return chosen
+
+
 def _toy(token_concepts=()):
     from ..backbone import load_backbone
     from ..generate import install_concept
@@ -209,7 +225,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
         if variant == "basis-size":
             runs = [(f"batex M={m}", BatexConfig(init_word=init, basis_size=m), "batex")
                     for m in (dim // 8, 3 * dim // 4, 4 * dim)]
-        for label, method_cfg, method in runs:
+        for label, method_cfg, method in select_runs(cfg, variant, runs):
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_')}-{seed}"
                 seconds = train_run(out, method, method_cfg, work / name / "images", steps, seed, TOKEN, lr=BENCH_LR[method])
@@ -262,13 +278,15 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         folder = work / name / "single"
         source = render_set(folder, 1, seed=2, masks=True, background=SOURCE_BACKGROUND, size="large",
                             position="center", **traits)
-        runs = [("textual-inversion (1 image)", "textual-inversion", TextualInversionConfig(init_word=traits["shape"]))]
+        runs = [("textual-inversion (1 image)", "textual-inversion", TextualInversionConfig(init_word=traits["shape"])),
+                ("textual-inversion + LoRA (1 image)", "textual-inversion",
+                 TextualInversionConfig(init_word=traits["shape"], lora_rank=4, lora_lr=TI_LORA_LR))]
         for label, flags in variants:
             si = SingleInsertConfig(class_word=traits["shape"], **flags)
             if cfg.steps and si.stage2_steps:  # --steps sets the total; Stage I keeps the paper's 50
                 si.stage2_steps = max(1, cfg.steps - si.stage1_steps)
             runs.append((label, "singleinsert", si))
-        for label, method, method_cfg in runs:
+        for label, method, method_cfg in select_runs(cfg, "singleinsert", runs):
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_').replace(':', '')}-{seed}"
                 if method == "singleinsert":
@@ -318,17 +336,20 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                      **_distribution_row(judge, real, heldout, traits)})
         steps = cfg.steps or 200
         warmup = steps // 3
+        d2b = Dis2BoothConfig(class_word=class_word, warmup_steps=warmup)
+        updates = warmup + (steps - warmup) * (1 + d2b.delta_steps)  # Dis²Booth's optimizer updates in `steps` steps
         runs = [
-            ("dreambooth-lora", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word)),
-            ("dis2booth", "dis2booth", Dis2BoothConfig(class_word=class_word, warmup_steps=warmup)),
-            ("dis2booth: no contextual loss", "dis2booth", Dis2BoothConfig(class_word=class_word, warmup_steps=warmup, contextual_loss=False)),
-            ("dis2booth: no delta loss", "dis2booth", Dis2BoothConfig(class_word=class_word, warmup_steps=warmup, delta_loss=False)),
-            ("dis2booth: synchronous", "dis2booth", Dis2BoothConfig(class_word=class_word, warmup_steps=warmup, synchronous=True)),
+            ("dreambooth-lora", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word), steps),
+            (f"dreambooth-lora: as many updates ({updates})", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word), updates),
+            ("dis2booth", "dis2booth", d2b, steps),
+            ("dis2booth: no contextual loss", "dis2booth", replace(d2b, contextual_loss=False), steps),
+            ("dis2booth: no delta loss", "dis2booth", replace(d2b, delta_loss=False), steps),
+            ("dis2booth: synchronous", "dis2booth", replace(d2b, synchronous=True), steps),
         ]
-        for label, method, method_cfg in runs:
+        for label, method, method_cfg, run_steps in select_runs(cfg, "distribution", runs):
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_').replace(':', '')}-{seed}"
-                seconds = train_run(out, method, method_cfg, folder, steps, seed, f"sks {class_word}", previews=4)
+                seconds = train_run(out, method, method_cfg, folder, run_steps, seed, f"sks {class_word}", previews=4)
                 images = sample(_toy([out]), f"a photo of sks {class_word}", n_generated)
                 save_grid(images, Path(cfg.output) / "grids" / f"distribution-{name}-{out.name}.png")
                 rows.append({"suite": "distribution", "method": label, "concept": name, "seed": seed,
