@@ -105,6 +105,7 @@ def test_toy_metrics_on_hand_made_readings():
                 {"colour": "red", "shape": "star", "background": "white"}]
     assert T.concept_rate(readings, {"colour": "red", "shape": "star"}) == 0.5
     assert T.background_leakage(readings, "pink") == 0.5
+    assert T.clean_foreground_rate(readings, {"colour": "red", "shape": "star"}, "pink") == 0.25  # only the white one
     asked = [{"background": "pink"}, {"background": "pink"}, {"background": "pink"}, {"background": "white"}]
     assert T.obeyed_rate(readings, asked) == 0.75
     with pytest.raises(PersonalizeError):

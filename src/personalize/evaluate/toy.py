@@ -44,6 +44,15 @@ def background_leakage(readings: Sequence[dict[str, str]], source_background: st
     return concept_rate(readings, {"background": source_background})
 
 
+def clean_foreground_rate(readings: Sequence[dict[str, str]], traits: dict[str, str], source_background: str) -> float:
+    """Share of images showing the concept's traits on a background other than the source's: fidelity that was
+    not bought by copying the source scene (SingleInsert's claim in one number)."""
+    if not readings:
+        raise PersonalizeError("no images to judge")
+    return sum(all(r[k] == v for k, v in traits.items()) and r["background"] != source_background
+               for r in readings) / len(readings)
+
+
 def feature_similarity(judge, generated: Sequence[Image.Image], reference: Sequence[Image.Image]) -> float:
     return mean_pairwise_cosine(judge.features(generated), judge.features(reference))
 

@@ -16,8 +16,9 @@ Suites (each a table in the report; rows are methods, figures mean ± std over c
 - `singleinsert` (SingleInsert Table 2): one render with its exact mask on a pink background; Textual Inversion and
   TI+LoRA (the paper's "TI+DB") on it, SingleInsert's ablation (baseline = plain reconstruction; + L_fg; + L_bg;
   + L_sm = full), Stage I only, and the official code's semantic reference (LoRA text encoder). Foreground
-  alignment, background leakage (share of "a <c> <class>" samples on the source's pink), text alignment (background
-  swaps), diversity, toy ESR.
+  alignment, background leakage (share of "a <c> <class>" samples on the source's pink), clean foreground (the
+  concept on another background), text alignment (background swaps obeyed) and edit keeps concept (obeyed with the
+  concept drawn), diversity, toy ESR.
 - `distribution` (Dis²Booth): a varied category (30 reference renders sharing one trait, the rest random);
   DreamBooth-LoRA (at the same steps, and at as many optimizer updates as Dis²Booth's 1 anchor + k delta sub-steps
   make) vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
@@ -300,16 +301,19 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                 save_grid(images, Path(cfg.output) / "grids" / f"singleinsert-{name}-{out.name}.png")
                 readings = judge.predict(images)
                 edits = [bg for bg in BACKGROUNDS if bg != SOURCE_BACKGROUND]
-                obeyed = []
+                obeyed, kept = [], []
                 for bg in edits:
                     r = judge.predict(sample(backbone, f"a {subject} on a {bg} background", cfg.edit_samples))
                     obeyed.append(T.obeyed_rate(r, [{"background": bg}] * len(r)))
+                    kept.append(T.obeyed_rate(r, [{**traits, "background": bg}] * len(r)))
                 esr_images = {p.template: sample(backbone, p.template.format(subject), cfg.edit_samples) for p in TOY_ESR}
                 row = {"suite": "singleinsert", "method": label, "concept": name, "seed": seed, "train_seconds": seconds,
                        "foreground_alignment": T.concept_rate(readings, traits),
                        "feature_similarity": T.feature_similarity(judge, images, source),
                        "background_leakage": T.background_leakage(readings, SOURCE_BACKGROUND),
+                       "clean_foreground": T.clean_foreground_rate(readings, traits, SOURCE_BACKGROUND),
                        "text_alignment": statistics.mean(obeyed),
+                       "edit_keeps_concept": statistics.mean(kept),
                        "diversity": T.diversity(judge, images),
                        "esr": editing_success_rate(esr_images, list(TOY_ESR), judge).overall}
                 rows.append(row)
