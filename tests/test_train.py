@@ -268,3 +268,24 @@ def test_ti_with_lora_steps_vectors_and_unet_lora_together_at_their_own_rates(tm
 def test_negative_lora_rank_is_refused(tmp_path, capsys):
     run(base_args(tmp_path / "o", "--steps", 1, "--lora-rank", -1), expect=2)
     assert "--lora-rank" in capsys.readouterr().err
+
+
+def test_ti_with_lora_resumes_bit_identical(tmp_path, monkeypatch):
+    args = ["--steps", 4, "--checkpointing-steps", 2, "--seed", 3, "--lora-rank", 2, "--lora-lr", "1e-3"]
+    run(base_args(tmp_path / "straight", *args))
+    calls = {"n": 0}
+    original = TextualInversion.loss
+
+    def dying_loss(self, batch, group):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during step 3, after the step-2 checkpoint
+        return original(self, batch, group)
+
+    monkeypatch.setattr(TextualInversion, "loss", dying_loss)
+    run(base_args(tmp_path / "resumed", *args), expect=130)
+    monkeypatch.setattr(TextualInversion, "loss", original)
+    run(base_args(tmp_path / "resumed", *args, "--resume", "latest"))
+    for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
