@@ -63,22 +63,26 @@ def test_training_lowers_the_denoising_loss_on_held_fixed_noise(tmp_path, method
     assert after < before * 0.997, (before, after)  # deterministic draws: a real decrease, not noise
 
 
-def test_killed_run_resumes_bit_identical(tmp_path, monkeypatch):
-    args = ["--method", "batex", "--steps", 6, "--checkpointing-steps", 2, "--seed", 7]
-    run(base_args(tmp_path / "straight", *args))
-
+def run_killed_at_loss_call(monkeypatch, method_cls, call: int, args) -> None:
+    """Run `args` and kill it (KeyboardInterrupt, exit 130) during the `call`-th loss computation."""
     calls = {"n": 0}
-    original = Batex.loss
+    original = method_cls.loss
 
     def dying_loss(self, batch, group):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed during step 5, after the step-4 checkpoint
+        if calls["n"] == call:
+            raise KeyboardInterrupt
         return original(self, batch, group)
 
-    monkeypatch.setattr(Batex, "loss", dying_loss)
-    run(base_args(tmp_path / "resumed", *args), expect=130)
-    monkeypatch.setattr(Batex, "loss", original)
+    monkeypatch.setattr(method_cls, "loss", dying_loss)
+    run(args, expect=130)
+    monkeypatch.setattr(method_cls, "loss", original)
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, monkeypatch):
+    args = ["--method", "batex", "--steps", 6, "--checkpointing-steps", 2, "--seed", 7]
+    run(base_args(tmp_path / "straight", *args))
+    run_killed_at_loss_call(monkeypatch, Batex, 5, base_args(tmp_path / "resumed", *args))  # after the step-4 checkpoint
     assert (tmp_path / "resumed" / "checkpoints" / "step-000004").is_dir()
     run(base_args(tmp_path / "resumed", *args, "--resume", "latest"))
     a, b = embeds(tmp_path / "straight"), embeds(tmp_path / "resumed")
@@ -273,18 +277,7 @@ def test_negative_lora_rank_is_refused(tmp_path, capsys):
 def test_ti_with_lora_resumes_bit_identical(tmp_path, monkeypatch):
     args = ["--steps", 4, "--checkpointing-steps", 2, "--seed", 3, "--lora-rank", 2, "--lora-lr", "1e-3"]
     run(base_args(tmp_path / "straight", *args))
-    calls = {"n": 0}
-    original = TextualInversion.loss
-
-    def dying_loss(self, batch, group):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # killed during step 3, after the step-2 checkpoint
-        return original(self, batch, group)
-
-    monkeypatch.setattr(TextualInversion, "loss", dying_loss)
-    run(base_args(tmp_path / "resumed", *args), expect=130)
-    monkeypatch.setattr(TextualInversion, "loss", original)
+    run_killed_at_loss_call(monkeypatch, TextualInversion, 3, base_args(tmp_path / "resumed", *args))  # after step 2's checkpoint
     run(base_args(tmp_path / "resumed", *args, "--resume", "latest"))
     for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))

@@ -47,10 +47,7 @@ def background_leakage(readings: Sequence[dict[str, str]], source_background: st
 def clean_foreground_rate(readings: Sequence[dict[str, str]], traits: dict[str, str], source_background: str) -> float:
     """Share of images showing the concept's traits on a background other than the source's: fidelity that was
     not bought by copying the source scene (SingleInsert's claim in one number)."""
-    if not readings:
-        raise PersonalizeError("no images to judge")
-    return sum(all(r[k] == v for k, v in traits.items()) and r["background"] != source_background
-               for r in readings) / len(readings)
+    return concept_rate(readings, traits) - concept_rate(readings, {**traits, "background": source_background})
 
 
 def feature_similarity(judge, generated: Sequence[Image.Image], reference: Sequence[Image.Image]) -> float:
