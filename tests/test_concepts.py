@@ -109,3 +109,24 @@ def test_placeholder_that_is_already_a_word_is_refused():
     add_placeholder_tokens(backbone.tokenizers[0], "<c>", 1)
     with pytest.raises(PersonalizeError, match="already a word"):
         add_placeholder_tokens(backbone.tokenizers[0], "<c>", 1)
+
+
+def test_id_to_slot_table_is_built_once_and_rebuilt_when_concepts_change():
+    """Built per step it costs two host-to-device copies (a GPU sync); it must follow every change of concepts."""
+    backbone = load_backbone("tiny")
+    tok, enc = backbone.tokenizers[0], backbone.text_encoders[0]
+    _install(backbone, "<a>", [torch.randn(2, 32)])
+    module = concept_embedding(enc)
+    ids = backbone.tokenize([expand_prompt("a <a>", "<a>", 2)])[0]
+    first = module(ids)
+    table = module._lookup
+    torch.testing.assert_close(module(ids), first)
+    assert module._lookup is table  # reused
+    b = torch.randn(1, 32)
+    _install(backbone, "<b>", [b])
+    both = module(backbone.tokenize(["<b> and " + expand_prompt("<a>", "<a>", 2)])[0])
+    assert module._lookup is not table  # rebuilt for the new concept
+    torch.testing.assert_close(both[0, 1], b[0])
+    torch.testing.assert_close(both[0, 3:5], first[0, 2:4])
+    module.remove("<b>")
+    torch.testing.assert_close(module(ids), first)

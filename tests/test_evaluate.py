@@ -151,3 +151,161 @@ def test_toy_protocol_scores_with_the_shipped_judge(run_folder, tmp_path):
     assert values["ESR"]["n"] == 20 and 0 <= values["ESR"]["value"] <= 1
     samples = [load_rgb(p) for p in sorted((tmp_path / "eval" / "samples").glob("000-*.png"))]  # "a <concept>"
     assert values["judge-DIV"]["value"] == pytest.approx(T.diversity(ToyJudge.load(), samples), abs=1e-5)
+
+
+def test_each_method_says_how_a_prompt_names_its_concept():
+    """The subject comes from the method (DreamBooth-LoRA's "sks dog", not "sks"), for every registered method."""
+    from dataclasses import asdict
+
+    from personalize.evaluate.runner import run_subject
+    from personalize.methods import METHODS
+
+    expected = {"textual-inversion": "<concept>", "batex": "<concept>", "dreambooth-lora": "sks dog",
+                "dis2booth": "sks dog", "singleinsert": "<concept> dog"}
+    assert set(expected) == set(METHODS)
+    for name, method in METHODS.items():
+        config = method.config_class(**({"class_word": "dog"} if "class_word" in method.config_class.__dataclass_fields__ else {}))
+        assert run_subject({"method": name, **asdict(config)}) == expected[name], name
+    assert run_subject({}) == "<concept>"  # a bare embedding file
+
+
+# -- each protocol's conventions (issue 5) and SingleInsert's Table 1 (issue 6) ---------------------------------
+
+
+def _resolved(run_folder, tmp_path, **kw):
+    from personalize.evaluate.runner import resolve_defaults
+
+    return resolve_defaults(_config(run_folder, tmp_path / "eval", **kw))
+
+
+def test_every_metric_of_every_protocol_says_whose_convention_it_follows(run_folder, tmp_path):
+    from personalize.evaluate.protocols import CONVENTIONS
+    from personalize.evaluate.runner import PROTOCOLS, convention_origin, plan_metrics, protocol_plan
+
+    every_network = dict(clip_model="c", dino_model="d", lpips_backbone="l", inception="i", heldout="h",
+                         generated_masks="m", num_images=2)
+    for protocol in PROTOCOLS:
+        cfg = _resolved(run_folder, tmp_path, protocol=protocol, **every_network)
+        wanted, skipped = plan_metrics(cfg, protocol_plan(cfg))
+        assert not skipped and set(wanted) == set(CONVENTIONS[protocol]), protocol
+        for metric in wanted:
+            origin = convention_origin(cfg, metric)
+            assert origin["paper"] or origin["ours"], (protocol, metric)
+            assert not origin["user"]
+
+    batex = CONVENTIONS["batex"]["CLIP-T"]  # Textual Inversion's text, CLIPScore's scale: both stated
+    assert (batex.text, batex.scale) == ("remove", "clipscore") and {"text", "scale"} <= set(batex.paper)
+    assert "original implementation of CLIPScore" in batex.paper["scale"] and "omit the placeholder" in batex.paper["text"]
+    assert "pair-wise CLIP-space cosine" in CONVENTIONS["batex"]["CLIP-I"].paper["rule"]  # raw cosine for images
+    for protocol in ("dreambench", "singleinsert", "esr"):  # the scale is DreamBooth's cosine; the text is our choice
+        clip_t = CONVENTIONS[protocol]["CLIP-T"]
+        assert (clip_t.text, clip_t.scale) == ("class", "raw") and "scale" in clip_t.paper and "text" in clip_t.ours
+
+
+def test_batex_reads_clip_t_as_textual_inversion_and_clipscore_unless_a_flag_overrides(run_folder, networks, tmp_path):
+    clip_model = str(networks / "clip")
+    report = json.loads(evaluate(_config(run_folder, tmp_path / "eval", protocol="batex", clip_model=clip_model))[0].read_text())
+    clip_t, = [m for m in report["metrics"] if m["name"] == "CLIP-T"]
+    assert set(clip_t["origin"]["paper"]) >= {"text", "scale"} and not clip_t["origin"]["user"]
+    assert "CLIPScore" in clip_t["convention"] and "removed" in clip_t["convention"]
+
+    clip = M.ClipScorer.load(networks / "clip")
+    beach = [load_rgb(tmp_path / "eval" / "samples" / "001-0.png")]  # prompt 1: "a photo of <concept> on the beach"
+    prompt = "a photo of <concept> on the beach"
+    expected = clip.clip_t(beach, ["A photo depicts a photo of on the beach"], convention="clipscore")
+    assert report["per_prompt"][prompt]["CLIP-T"] == pytest.approx(expected, abs=1e-5) and expected > 0.01
+
+    # the old single rule (class word, raw cosine), now only by asking for it
+    report = json.loads(evaluate(_config(run_folder, tmp_path / "eval", protocol="batex", clip_model=clip_model,
+                                         clip_t_text="class", clip_t_convention="raw"))[0].read_text())
+    clip_t, = [m for m in report["metrics"] if m["name"] == "CLIP-T"]
+    assert clip_t["origin"]["user"] == {"text": "--clip-t-text class", "scale": "--clip-t-convention raw"}
+    old_rule = clip.clip_t(beach, ["a photo of cat on the beach"])
+    assert report["per_prompt"][prompt]["CLIP-T"] == pytest.approx(old_rule, abs=1e-5)
+    assert abs(old_rule - expected) > 1e-3  # the two conventions really give different figures
+    assert "| our choice + your flag |" in (tmp_path / "eval" / "report.md").read_text()  # BaTex's prompt list stays ours
+
+
+def test_singleinsert_protocol_reports_table_1_with_generated_masks(run_folder, networks, tmp_path):
+    """CLIP-T, CLIP-I-f/-b, DINO-f/-b, DIV and ESR; the samples' masks come in a second call, as `personalize mask`
+    would write them beside the samples, and the samples are reused."""
+    import numpy as np
+    from PIL import Image
+
+    references = tmp_path / "source"
+    references.mkdir()
+    square = np.zeros((128, 128), np.uint8)
+    square[24:104, 32:96] = 255
+    for path in image_paths(EXAMPLE_IMAGES)[:2]:
+        load_rgb(path).save(references / f"{path.stem}.png")
+        Image.fromarray(square).save(references / f"{path.stem}.mask.png")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--protocol", "singleinsert", "--concept", run_folder, "--output", out, "--steps", 2,
+            "--num-images", 2, "--references", references, "--clip-model", networks / "clip",
+            "--dino-model", networks / "dino", "--lpips-backbone", networks / "alexnet.pth"]
+    assert cli.main([str(a) for a in args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {m["name"] for m in report["metrics"]} == {"CLIP-T", "DIV", "ESR"}
+    assert "personalize mask" in report["context"]["skipped"]["CLIP-I-f"]
+
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == 20
+    stamps = {p: p.stat().st_mtime_ns for p in samples}
+    generated_masks = []
+    for k, path in enumerate(samples):  # a different box per sample: what a segmenter would find
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + k % 5 : 24, 6 : 26 - k % 3] = 255
+        Image.fromarray(mask).save(path.with_name(f"{path.stem}.mask.png"))
+        generated_masks.append(mask)
+    assert cli.main([str(a) for a in args + ["--generated-masks", out / "samples"]]) == 0
+    assert {p: p.stat().st_mtime_ns for p in samples} == stamps  # nothing redrawn
+    report = json.loads((out / "report.json").read_text())
+    values = {m["name"]: m for m in report["metrics"]}
+    assert set(values) == {"CLIP-I-f", "CLIP-I-b", "DINO-f", "DINO-b", "CLIP-T", "DIV", "ESR"}
+    assert all(m["n"] == 20 for m in values.values())
+
+    generated = [load_rgb(p) for p in samples]
+    source = [load_rgb(p) for p in image_paths(references)]
+    source_masks = [square, square]
+    clip, dino = M.ClipScorer.load(networks / "clip"), M.DinoScorer.load(networks / "dino")
+    for name, scorer, keep in (("CLIP-I-f", clip, "foreground"), ("CLIP-I-b", clip, "background"),
+                               ("DINO-f", dino, "foreground"), ("DINO-b", dino, "background")):
+        expected = M.masked_similarity(scorer.image_embeddings, generated, generated_masks, source, source_masks, keep=keep)
+        assert values[name]["value"] == pytest.approx(expected, abs=1e-5), name
+        assert "region" in values[name]["origin"]["paper"] and "masks" in values[name]["origin"]["ours"]
+    lpips = M.LPIPS.load(networks / "alexnet.pth")
+    by_prompt = [generated[i : i + 2] for i in range(0, 20, 2)]  # 10 prompts x 2 seeds, in file order
+    assert values["DIV"]["value"] == pytest.approx(M.div_lpips(by_prompt, lpips), rel=1e-5)
+
+
+def test_singleinsert_on_the_toy_model_uses_the_toy_worlds_prompts_judge_and_masks(run_folder, tmp_path):
+    from personalize.evaluate.protocols import SINGLEINSERT_ESR, TOY_ESR
+    from personalize.evaluate.runner import judge_kind, protocol_plan
+
+    cfg = _resolved(run_folder, tmp_path, protocol="singleinsert", model="toy")
+    plan, = protocol_plan(cfg)
+    assert plan.prompts == [p.template.format(cfg.subject) for p in TOY_ESR]
+    assert cfg.generated_masks == "toy" and judge_kind(cfg) == "toy"
+    cfg = _resolved(run_folder, tmp_path, protocol="singleinsert")  # a real model: SingleInsert's own list
+    plan, = protocol_plan(cfg)
+    assert plan.prompts == [p.template.format(cfg.subject) for p in SINGLEINSERT_ESR]
+    assert cfg.generated_masks is None and judge_kind(cfg) == "clip"
+
+
+def test_toy_masks_segment_samples_and_unmasked_references_by_their_background(run_folder, networks, tmp_path):
+    from personalize.evaluate.toy import foreground_mask
+
+    cfg = _config(run_folder, tmp_path / "eval", protocol="singleinsert", clip_model=str(networks / "clip"),
+                  generated_masks="toy")  # examples/cat has no mask files: the references are segmented too
+    report = json.loads(evaluate(cfg)[0].read_text())
+    values = {m["name"]: m for m in report["metrics"]}
+    assert set(values) == {"CLIP-I-f", "CLIP-I-b", "CLIP-T", "ESR"}
+    assert "2 images per prompt" in report["context"]["skipped"]["DIV"]
+    assert "toy" in values["CLIP-I-f"]["provenance"]["generated_masks"]
+
+    samples = [load_rgb(p) for p in sorted((tmp_path / "eval" / "samples").glob("*.png"))]
+    references = [load_rgb(p) for p in image_paths(EXAMPLE_IMAGES)]
+    clip = M.ClipScorer.load(networks / "clip")
+    expected = M.masked_similarity(clip.image_embeddings, samples, [foreground_mask(im) for im in samples],
+                                   references, [foreground_mask(im) for im in references], keep="background")
+    assert values["CLIP-I-b"]["value"] == pytest.approx(expected, abs=1e-5)

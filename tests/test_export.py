@@ -95,16 +95,16 @@ def test_diffusers_file_records_metadata(tmp_path):
 def test_a1111_pt_is_weights_only_loadable_and_loads_in_diffusers(tmp_path, num_vectors):
     vecs = _vectors(num_vectors, seed=3)
     files = save_embeddings(tmp_path, "<my-cat>", [vecs], step=50, model_name="tiny")
-    pt = tmp_path / "my-cat.pt"
+    pt = tmp_path / "my-cat-emb.pt"
     assert pt in files
 
     back = torch.load(pt, map_location="cpu", weights_only=True)
     assert torch.equal(back["string_to_param"]["*"], vecs)
-    assert back["name"] == "my-cat"
+    assert back["name"] == "my-cat-emb"  # A1111 names it after the file; diffusers after `name`: the same word
     assert back["step"] == 50
     # Our own reader names it after the file's `name`, in brackets.
     token, (read,) = load_embedding_file(pt)
-    assert token == "<my-cat>" and torch.equal(read, vecs)
+    assert token == "<my-cat-emb>" and torch.equal(read, vecs)
 
     prompt = "a photo of <a1111>"
     plain = build_tiny_pipeline("tiny")
@@ -118,13 +118,45 @@ def test_a1111_pt_is_weights_only_loadable_and_loads_in_diffusers(tmp_path, num_
     np.testing.assert_allclose(_sample(backbone.pipe, prompt), theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("token", ["<star>", "<concept>", "<my-cat>"])
+def test_a1111_name_is_no_vocabulary_word_and_loads_in_diffusers_under_it(tmp_path, token):
+    """A1111 and diffusers call an A1111 embedding by its name: a vocabulary word there ("star") would be refused
+    by diffusers and take over that word in every A1111 prompt."""
+    vecs = _vectors(1, seed=4)
+    pt, = [f for f in save_embeddings(tmp_path, token, [vecs], step=1, model_name="tiny") if f.suffix == ".pt"]
+    name = pt.stem
+    assert torch.load(pt, weights_only=True)["name"] == name
+
+    plain = build_tiny_pipeline("tiny")
+    vocab = plain.tokenizer.get_vocab()
+    assert name not in vocab and f"{name}</w>" not in vocab
+    word = token.strip("<>")
+    # A1111 finds an embedding by the token ids of its name: the placeholder's bare word must not spell it.
+    assert plain.tokenizer(name, add_special_tokens=False).input_ids != plain.tokenizer(word, add_special_tokens=False).input_ids
+
+    prompt = f"a photo of {name}"
+    without = _sample(plain, prompt)
+    plain.load_textual_inversion(str(pt))  # no token=: diffusers takes the file's name, as A1111 does
+    assert name in plain.tokenizer.get_vocab()
+    _assert_visibly_different(_sample(plain, prompt), without)
+
+
+def test_sdxl_a1111_name_is_no_vocabulary_word_of_either_tokenizer(tmp_path):
+    files = save_embeddings(tmp_path, "<star>", [_vectors(1), _vectors(1, seed=1)], step=1, model_name="tiny-xl")
+    name = files[1].stem
+    assert files[1].suffix == ".safetensors" and name == "star-emb"
+    pipe = build_tiny_pipeline("tiny-xl")
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        assert name not in tokenizer.get_vocab() and f"{name}</w>" not in tokenizer.get_vocab()
+
+
 # -- 3. SDXL clip_l / clip_g -------------------------------------------------------------------------------------
 
 
 def test_sdxl_file_loads_per_encoder_in_diffusers_and_matches_our_injection(tmp_path):
     clip_l, clip_g = _vectors(2, seed=10), _vectors(2, seed=11)  # different, so a swapped encoder would show
     files = save_embeddings(tmp_path, "<concept>", [clip_l, clip_g], step=1, model_name="tiny-xl")
-    learned, a1111 = tmp_path / EMBEDDINGS_FILE, tmp_path / "concept.safetensors"
+    learned, a1111 = tmp_path / EMBEDDINGS_FILE, tmp_path / "concept-emb.safetensors"
     assert files == [learned, a1111]
     state = load_file(str(learned))
     assert set(state) == {"clip_l", "clip_g"}
@@ -202,7 +234,7 @@ def test_disk_full_keeps_the_previous_good_file(tmp_path, monkeypatch):
     good = _vectors(1, seed=1)
     save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
     before = _snapshot(tmp_path)
-    assert set(before) == {EMBEDDINGS_FILE, "concept.pt"}
+    assert set(before) == {EMBEDDINGS_FILE, "concept-emb.pt"}
 
     monkeypatch.setattr(export, "save_file", _half_then_disk_full)
     with pytest.raises(PersonalizeError, match="learned_embeds.safetensors"):
@@ -214,7 +246,7 @@ def test_disk_full_keeps_the_previous_good_file(tmp_path, monkeypatch):
 def test_disk_full_while_writing_the_a1111_file(tmp_path, monkeypatch):
     good = _vectors(1, seed=1)
     save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
-    old_pt = (tmp_path / "concept.pt").read_bytes()
+    old_pt = (tmp_path / "concept-emb.pt").read_bytes()
 
     def half_torch_save(obj, f, *args, **kwargs):
         with open(f, "wb") as handle:
@@ -224,9 +256,9 @@ def test_disk_full_while_writing_the_a1111_file(tmp_path, monkeypatch):
     monkeypatch.setattr(export.torch, "save", half_torch_save)
     with pytest.raises(PersonalizeError) as info:
         save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
-    assert str(tmp_path / "concept.pt") in str(info.value)
-    assert (tmp_path / "concept.pt").read_bytes() == old_pt
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([EMBEDDINGS_FILE, "concept.pt"])
+    assert str(tmp_path / "concept-emb.pt") in str(info.value)
+    assert (tmp_path / "concept-emb.pt").read_bytes() == old_pt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([EMBEDDINGS_FILE, "concept-emb.pt"])
 
 
 def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -291,16 +323,22 @@ def test_corrupt_files_raise_an_error_naming_them(tmp_path, name, content):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("content", [torch.randn(1, 32), [1, 2, 3]], ids=["bare-tensor", "list"])
-def test_non_dict_pickles_are_read_or_refused_cleanly(tmp_path, content):
+@pytest.mark.parametrize("content", [torch.randn(1, 32), torch.randn(32)], ids=["matrix", "vector"])
+def test_a_bare_tensor_pt_is_read_as_one_embedding(tmp_path, content):
+    """diffusers' load_textual_inversion accepts a file holding only a tensor; so do we (a 1-d one is one vector)."""
     path = tmp_path / "odd.pt"
     torch.save(content, path)
-    try:
-        token, vectors = load_embedding_file(path, token="<t>")
-    except PersonalizeError as exc:
-        assert str(path) in str(exc)
-    else:
-        assert isinstance(content, torch.Tensor) and token == "<t>" and torch.equal(vectors[0], content)
+    token, (vectors,) = load_embedding_file(path, token="<t>")
+    assert token == "<t>" and torch.equal(vectors, content.reshape(1, 32))
+    assert load_embedding_file(path)[0] == "<odd>"  # without a token: named after the file
+
+
+def test_a_pickle_that_is_no_embedding_is_refused_naming_it(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(PersonalizeError) as info:
+        load_embedding_file(path, token="<t>")
+    assert str(path) in str(info.value) and "list" in str(info.value)
 
 
 def test_wrong_dimension_is_refused_before_touching_the_tokenizer(tmp_path):

@@ -1,12 +1,16 @@
 """DreamBooth-LoRA and Dis²Booth: files that load in diffusers and draw the same, sub-step isolation, the losses."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import EXAMPLE_IMAGES
 from personalize import cli
-from personalize.backbone import load_backbone
+from personalize.backbone import Backbone, load_backbone
 from personalize.methods import Batch, Dis2Booth, Dis2BoothConfig, DreamBoothLora, DreamBoothLoraConfig
 from personalize.methods.dis2booth import contextual_loss, delta_loss, pool_positions
 from personalize.tiny import build_tiny_pipeline
@@ -34,13 +38,101 @@ def test_dreambooth_lora_files_load_in_diffusers_and_draw_the_same(tmp_path, mod
     files = method.save(tmp_path, step=1)
     plain = draw(build_tiny_pipeline(model))
     assert abs(ours - plain).max() > 1e-3  # the LoRA changes the picture
-    for f in files:  # diffusers file and kohya file
+    for f in files:  # diffusers file and kohya file, loaded as the README says (works offline on every stack)
         pipe = build_tiny_pipeline(model)
-        pipe.load_lora_weights(str(f))
+        pipe.load_lora_weights(str(f.parent), weight_name=f.name)
         assert abs(draw(pipe) - ours).max() < 1e-4, f.name
     meta = load_file(str(files[0]))
     assert any(k.startswith("unet.") and ".lora_A." in k for k in meta)
     assert any(k.startswith("text_encoder") for k in meta) == text_encoder
+
+
+# LoraConfig's fields in peft 0.17.1, the oldest peft pyproject.toml declares: diffusers builds LoraConfig(**metadata),
+# so one field more (peft 0.21's to_dict() has 9) and the file does not load there.
+PEFT_0_17_LORA_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config", "exclude_modules",
+    "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform",
+    "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save",
+    "peft_type", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules",
+    "target_parameters", "task_type", "trainable_token_indices", "use_dora", "use_qalora", "use_rslora"}
+
+
+def file_metadata(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_diffusers_lora_file_is_what_the_oldest_declared_stack_reads(tmp_path, model):
+    """Basic LoraConfig fields only, and text-encoder keys with the `text_model.` level transformers 4.x needs
+    (this stack's 5.x CLIP has no such level: the draw test above shows diffusers loads the file here all the same)."""
+    from peft import LoraConfig
+
+    backbone = load_backbone(model)
+    backbone.freeze()
+    method = DreamBoothLora(DreamBoothLoraConfig(class_word="cat", rank=4, lora_alpha=2, train_text_encoder=True), backbone)
+    path = method.save(tmp_path, step=1)[0]
+    packed = json.loads(file_metadata(path)["lora_adapter_metadata"])
+    configs = {}
+    for key, value in packed.items():
+        component, field = key.split(".", 1)
+        configs.setdefault(component, {})[field] = value
+    encoders = ["text_encoder", "text_encoder_2"][: len(backbone.text_encoders)]
+    assert sorted(configs) == sorted(["unet", *encoders])
+    for component, config in configs.items():
+        assert set(config) <= PEFT_0_17_LORA_FIELDS, (component, set(config) - PEFT_0_17_LORA_FIELDS)
+        assert (config["r"], config["lora_alpha"]) == (4, 2)
+        assert LoraConfig(**config).target_modules == set(config["target_modules"])  # what diffusers builds
+    keys = load_file(str(path))
+    for encoder in encoders:
+        assert f"{encoder}.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+        assert all(k.startswith(f"{encoder}.text_model.encoder.") for k in keys if k.startswith(f"{encoder}."))
+
+
+def a1111_version(meta: dict) -> str:
+    """A1111's rule (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version), restated."""
+    if str(meta.get("ss_base_model_version", "")).startswith("sdxl_"):
+        return "SDXL"
+    if str(meta.get("ss_v2", "")) == "True":
+        return "SD2"
+    return "SD1" if meta else "Unknown"
+
+
+@pytest.mark.parametrize("model, version, base, v2, v_pred, te", [
+    ("tiny", "SD1", "sd_v1", "False", "False", True),
+    ("tiny-v", "SD2", "sd_v2_v", "True", "True", False),
+    ("tiny-xl", "SDXL", "sdxl_base_v1-0", "False", "False", True),
+])
+def test_kohya_file_carries_kohyas_metadata_so_a1111_files_it_right(tmp_path, model, version, base, v2, v_pred, te):
+    backbone = load_backbone(model)
+    backbone.freeze()
+    method = DreamBoothLora(DreamBoothLoraConfig(class_word="cat", rank=4, lora_alpha=2, train_text_encoder=te), backbone)
+    meta = file_metadata(method.save(tmp_path, step=7)[1])
+    assert a1111_version(meta) == version
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_v_parameterization"]) == (base, v2, v_pred)
+    assert meta["ss_resolution"] == "(32, 32)"  # no run config beside the files: the model's native size
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "2.0")
+    assert meta["ss_network_train_unet_only"] == str(not te)
+    args = json.loads(meta["ss_network_args"])
+    assert args["unet_target_modules"] == "to_k,to_out.0,to_q,to_v"
+    assert ("text_encoder_target_modules" in args) == te
+    assert (meta["ss_steps"], meta["ss_sd_model_name"]) == ("7", model)
+
+
+def test_kohya_resolution_is_the_runs(tmp_path):
+    assert cli.main(["train", "--method", "dreambooth-lora", "--images", str(EXAMPLE_IMAGES), "--class-word", "cat",
+                     "--steps", "1", "--resolution", "16", "--num-validation-images", "0", "--output", str(tmp_path)]) == 0
+    assert file_metadata(tmp_path / "sks.kohya.safetensors")["ss_resolution"] == "(16, 16)"
+
+
+@pytest.mark.parametrize("sdxl, width, prediction, expected", [
+    (True, 768, "epsilon", "sdxl"), (False, 1024, "epsilon", "sd2"), (False, 1024, "v_prediction", "sd2"),
+    (False, 768, "epsilon", "sd1"), (False, 768, "v_prediction", "sd1"),  # an SD 1.x v-prediction fine-tune
+    (False, 32, "v_prediction", "sd2"), (False, 32, "epsilon", "sd1"),  # tiny-v, tiny
+])
+def test_sd_version_from_the_text_encoder_width_then_the_prediction(sdxl, width, prediction, expected):
+    model = SimpleNamespace(is_sdxl=sdxl, embedding_dims=[width], prediction_type=prediction)
+    assert Backbone.sd_version.fget(model) == expected
 
 
 def test_dis2booth_fused_lora_equals_the_two_adapters(tmp_path):
@@ -52,13 +144,13 @@ def test_dis2booth_fused_lora_equals_the_two_adapters(tmp_path):
     ours = draw(backbone.pipe)
     method.save(tmp_path, step=1)
     fused = build_tiny_pipeline("tiny")
-    fused.load_lora_weights(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    fused.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     parts = build_tiny_pipeline("tiny")
-    parts.load_lora_weights(str(tmp_path / "anchor"), adapter_name="anchor")
-    parts.load_lora_weights(str(tmp_path / "delta"), adapter_name="delta")
+    parts.load_lora_weights(str(tmp_path / "anchor"), weight_name="pytorch_lora_weights.safetensors", adapter_name="anchor")
+    parts.load_lora_weights(str(tmp_path / "delta"), weight_name="pytorch_lora_weights.safetensors", adapter_name="delta")
     parts.set_adapters(["anchor", "delta"], adapter_weights=[0.7, 0.4])
     kohya = build_tiny_pipeline("tiny")
-    kohya.load_lora_weights(str(tmp_path / "sks.kohya.safetensors"))
+    kohya.load_lora_weights(str(tmp_path), weight_name="sks.kohya.safetensors")
     assert abs(ours - draw(build_tiny_pipeline("tiny"))).max() > 1e-3
     for pipe in (fused, parts, kohya):
         assert abs(draw(pipe) - ours).max() < 1e-4
@@ -76,30 +168,55 @@ def test_split_keeps_the_warm_up_model_exactly():
             if k.startswith("delta__"):
                 p.zero_()
     before = draw(backbone.pipe)
-    method._split()
+    method.begin_step(0)  # still warming up: nothing happens
+    assert not method.split_done.item()
+    method.begin_step(method.config.warmup_steps)
+    assert method.split_done.item()
     torch.testing.assert_close(draw(backbone.pipe), before, atol=1e-5, rtol=0)
 
 
-def test_each_sub_step_updates_only_its_own_adapter(tmp_path, monkeypatch):
-    """Through the real trainer: snapshot every LoRA weight before each sub-step; what changed must be that group's."""
+OWNERS = {"warmup": {"anchor"}, "contextual": {"anchor"}, "delta": {"delta"}, "ldm": {"anchor", "delta"},
+          "anchor+ldm": {"anchor"}, "delta+ldm": {"delta"}, "both": {"anchor", "delta"}}
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("algorithm1", ["warmup"] + ["contextual", "ldm", "delta", "ldm", "delta", "ldm"] * 2),
+    ("folded", ["warmup"] + ["anchor+ldm", "delta+ldm", "delta+ldm"] * 2),
+])
+def test_each_sub_step_updates_only_its_own_adapters(tmp_path, monkeypatch, schedule, expected):
+    """Through the real trainer: snapshot every LoRA weight before each sub-step; what changed must be exactly the
+    adapters the sub-step names (a feature step against a still-empty queue changes nothing), and while a sub-step's
+    loss runs only its own adapters may take gradients."""
     seen = []
-    original = Dis2Booth.loss
+    original, original_begin = Dis2Booth.loss, Dis2Booth.begin_step
+
+    def check_last(self):
+        if seen and seen[-1][1] is not None:  # what the previous sub-step's optimiser step changed
+            last_group, last, learned = seen[-1]
+            changed = {k.split("__")[0] for k, p in self.lora_params.items() if not torch.equal(p, last[k])}
+            assert changed == (OWNERS[last_group] if learned else set()), (last_group, changed)
+            seen[-1] = (last_group, None, learned)  # checked (the split may now copy the anchor into delta)
+
+    def begin(self, step):
+        check_last(self)
+        original_begin(self, step)
 
     def spy(self, batch, group):
-        if seen:  # what the previous sub-step's optimiser step changed
-            last_group, last = seen[-1]
-            changed = {k.split("__")[0] for k, p in self.lora_params.items() if not torch.equal(p, last[k])}
-            owner = {"warmup": {"anchor"}, "anchor": {"anchor"}, "delta": {"delta"}}[last_group]
-            assert changed == owner, (last_group, changed)
-        result = original(self, batch, group)  # (the first anchor sub-step splits the warm-up LoRA here)
-        seen.append((group, {k: p.detach().clone() for k, p in self.lora_params.items()}))
+        check_last(self)
+        trainable = {k.split("__")[0] for k, p in self.lora_params.items() if p.requires_grad}
+        assert trainable == OWNERS[group], (group, trainable)  # also in the first sub-step after the split
+        result = original(self, batch, group)
+        seen.append((group, {k: p.detach().clone() for k, p in self.lora_params.items()}, result[0].requires_grad))
         return result
 
     monkeypatch.setattr(Dis2Booth, "loss", spy)
+    monkeypatch.setattr(Dis2Booth, "begin_step", begin)
     assert cli.main(["train", "--method", "dis2booth", "--images", str(EXAMPLE_IMAGES), "--class-word", "cat",
                      "--output", str(tmp_path), "--steps", "3", "--warmup-steps", "1", "--delta-steps", "2",
-                     "--rank", "4", "--lr", "1e-2", "--batch-size", "2", "--num-validation-images", "0"]) == 0
-    assert [g for g, _ in seen] == ["warmup", "anchor", "delta", "delta", "anchor", "delta", "delta"]
+                     "--rank", "4", "--lr", "1e-2", "--batch-size", "2", "--num-validation-images", "0",
+                     "--schedule", schedule, "--contextual-loss-weight", "1", "--delta-loss-weight", "1"]) == 0
+    assert [g for g, _, _ in seen] == expected
+    assert Dis2Booth.updates_per_run(Dis2BoothConfig(class_word="cat", warmup_steps=1, delta_steps=2, schedule=schedule), 3) == len(expected)
 
 
 def test_dis2booth_resumes_exactly_with_its_queues(tmp_path, monkeypatch):
@@ -147,22 +264,39 @@ def test_delta_loss_threshold():
     assert delta_loss(x, torch.cat([close, far]), 0.5).item() == pytest.approx(cos_close / 2)
 
 
-def test_feature_pooling_bounds_the_pair_count():
+def test_feature_pooling_bounds_the_pair_count_by_averaging_neighbours():
     f = torch.randn(2, 128 * 128, 4)
-    assert pool_positions(f, 256).shape == (2, 256, 4)
-    assert pool_positions(torch.randn(2, 64, 4), 256).shape == (2, 64, 4)
+    pooled = pool_positions(f, 256)
+    assert pooled.shape == (2, 256, 4)
+    # position (i, j) of the 16×16 result is the mean of block (i, j), 8×8, of the 128×128 map (positions row-major)
+    blocks = f.reshape(2, 16, 8, 16, 8, 4).mean(dim=(2, 4)).reshape(2, 256, 4)
+    torch.testing.assert_close(pooled, blocks)
+    small = torch.randn(2, 64, 4)
+    assert torch.equal(pool_positions(small, 256), small)  # few enough positions: kept as they are
 
 
-def test_prior_preservation_generates_and_reuses_class_images(tmp_path):
+def test_prior_preservation_draws_class_images_with_the_base_model_reuses_and_trains_on_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from personalize.generate import generate_images
+
     args = ["train", "--method", "dreambooth-lora", "--images", str(EXAMPLE_IMAGES), "--class-word", "cat",
             "--steps", "2", "--prior-preservation", "--num-class-images", "3", "--class-images", str(tmp_path / "cls"),
-            "--num-validation-images", "0", "--inference-steps", "2"]
+            "--num-validation-images", "0", "--inference-steps", "2", "--lr", "1e-2"]
     assert cli.main([*args, "--output", str(tmp_path / "a")]) == 0
     made = sorted(p.name for p in (tmp_path / "cls").iterdir())
     assert made == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    # The base model's own drawing of the class prompt, at the run's seed + 10000 + i.
+    (expected,) = generate_images(load_backbone("tiny"), ["a photo of a cat"], [10_000 + 2], steps=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cls" / made[2])), np.asarray(expected))
     stamp = (tmp_path / "cls" / made[0]).stat().st_mtime_ns
     assert cli.main([*args, "--output", str(tmp_path / "b")]) == 0
     assert (tmp_path / "cls" / made[0]).stat().st_mtime_ns == stamp  # reused, not redrawn
+    # The class images enter the loss: without their term (weight 0) the same run learns another LoRA.
+    assert cli.main([*args, "--prior-loss-weight", "0", "--output", str(tmp_path / "c")]) == 0
+    a, c = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in "ac")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_class_word_is_required(tmp_path, capsys):

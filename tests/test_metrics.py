@@ -80,6 +80,13 @@ def test_prompt_for_clip_t_modes():
         M.prompt_for_clip_t("a photo of a dog", "<cat-toy>")
 
 
+def test_clipscore_captions_carry_the_reference_code_prefix():
+    """CLIPScore's clipscore.py reads "A photo depicts " + caption; the raw cosine reads the text as it is."""
+    assert M.clip_t_caption("a photo of on the beach", "clipscore") == "A photo depicts a photo of on the beach"
+    assert M.clip_t_caption("a photo of on the beach", "raw") == "a photo of on the beach"
+    assert set(M.CLIP_T_TEXTS) == {"remove", "class", "keep"}
+
+
 # --------------------------------------------------------------------------------------------- tiny CLIP / ViT
 
 
@@ -225,6 +232,42 @@ def test_masked_similarity_ignores_background():
         M.masked_similarity(embed, generated, [], reference, [mask])
 
 
+def test_toy_foreground_mask_reproduces_the_renderers_masks():
+    """A toy-world image has a flat background from world.BACKGROUNDS: segmenting by it gives the renderer's mask
+    (coverage >= 50 %) away from the anti-aliased rim, whatever the object's colour or pattern."""
+    import random
+
+    from personalize.evaluate.toy import foreground_mask
+    from personalize.toyworld.world import Scene, random_scene, render
+
+    flat = np.full((16, 16, 3), (250, 170, 200), np.uint8)  # pink, with a red square: exact to the pixel
+    flat[4:10, 5:12] = (220, 30, 30)
+    expected = np.zeros((16, 16), bool)
+    expected[4:10, 5:12] = True
+    assert np.array_equal(foreground_mask(Image.fromarray(flat)), expected)
+
+    def rim(mask):  # pixels with a 4-neighbour on the other side of the outline: anti-aliased blends
+        grown, shrunk = mask.copy(), mask.copy()
+        for a, b in ((np.s_[1:], np.s_[:-1]), (np.s_[:-1], np.s_[1:]), (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:])):
+            grown[a] |= mask[b]
+            shrunk[a] &= mask[b]
+        return grown & ~shrunk
+
+    image, mask = render(Scene("star", "blue", "striped", background="black", size="large", position="center"))
+    found = foreground_mask(image)  # dark stripes on black stay foreground
+    assert not ((found != mask) & ~rim(mask)).any() and (found != mask).sum() <= rim(mask).sum() // 4
+
+    rng, ious = random.Random(0), []
+    for _ in range(100):
+        scene = random_scene(rng)
+        image, mask = render(scene)
+        found = foreground_mask(image)
+        ious.append((found & mask).sum() / (found | mask).sum())
+        if "dotted" not in (scene.pattern, scene.second and scene.second.pattern):  # white dots may touch the rim
+            assert not ((found != mask) & ~rim(mask)).any(), scene
+    assert np.mean(ious) > 0.97
+
+
 # --------------------------------------------------------------------------------------------- LPIPS
 
 
@@ -274,7 +317,7 @@ def test_lpips_formula_by_hand():
     # unit-normalised taps e0 and e1: (e0 - e1)^2 = e0 + e1, so d = Σ_k w_k[0] + w_k[1]
     expected = sum(float(getattr(lpips, f"lin{k}").model[1].weight[0, :2].sum()) for k in range(5))
     assert float(lpips(white, black)) == pytest.approx(expected, rel=1e-6)
-    assert float(lpips(white, white)) == 0.0
+    assert float(lpips(white, white)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_lpips_load_accepts_torchvision_and_bare_keys(tmp_path, lpips):
@@ -294,7 +337,7 @@ def test_lpips_load_accepts_torchvision_and_bare_keys(tmp_path, lpips):
 
 def test_div_lpips(lpips):
     same = [_noise_image(5, (64, 64))] * 3
-    assert M.div_lpips([same], lpips) == 0.0
+    assert M.div_lpips([same], lpips) == pytest.approx(0.0, abs=1e-9)  # float rounding leaves ~1e-14
     a, b, c = (_noise_image(i, (64, 64)) for i in (1, 2, 3))
     tensors = M.images_to_tensor([a, b, c])
     pairs = lpips(tensors[[0, 0, 1]], tensors[[1, 2, 2]])
@@ -322,8 +365,21 @@ def test_frechet_distance_diagonal_closed_form():
     assert M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(15.0, abs=1e-9)
 
 
+def test_frechet_distance_of_non_commuting_covariances_closed_form():
+    """2×2 closed form: the eigenvalues of S1·S2 are real and positive, so tr((S1 S2)^½) = sqrt(tr(S1 S2) + 2 sqrt(det)).
+
+    S1 and S2 do not commute, so the common slip tr(S1^½ S2^½) gives 4.098 instead of 4.114 and fails here."""
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.array([[1.0, 0.0], [0.0, 4.0]])
+    trace_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))  # sqrt(10 + 2 sqrt 12)
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([2.0, -1.0])
+    expected = 8.0 + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-9)
+    wrong = 8.0 + np.trace(s1) + np.trace(s2) - 2 * np.trace(M._sqrt_psd(s1) @ M._sqrt_psd(s2))
+    assert abs(wrong - expected) > 0.02  # the closed form tells the two apart
+
+
 def test_frechet_distance_matches_scipy_sqrtm():
-    linalg = pytest.importorskip("scipy.linalg")
+    from scipy import linalg  # a test dependency (pyproject [test]): this check must run in CI
     rng = np.random.RandomState(0)
     a, b = rng.randn(50, 8), rng.randn(50, 8) @ rng.randn(8, 8)
     mu1, s1 = M.feature_statistics(a)
@@ -378,4 +434,4 @@ def test_metric_result_and_file_sha256(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert M.file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     result = M.MetricResult("CLIP-T", 0.3, 8, "raw", {"model": "x"})
-    assert result.versions["torch"] == torch.__version__ and result.n == 8
+    assert result.versions["torch"] == torch.__version__ and result.n == 8 and result.origin == {}

@@ -154,11 +154,53 @@ def test_stage_one_lowers_the_foreground_loss():
 
 @pytest.mark.parametrize("model", ["tiny-v", "tiny-xl"])
 def test_trains_on_v_prediction_and_sdxl(tmp_path, model):
+    """Both stages on a v-prediction model and on SDXL: the predicted vector left the class word at a real token's
+    norm, and in plain diffusers the files load and Stage II's LoRA (UNet and every text encoder) changes the output."""
     folder = one_image_folder(tmp_path / "img")
-    assert cli.main(train_args(folder, tmp_path / "out", "--model", model)) == 0
-    files = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
-    assert any(k.startswith("text_encoder.") for k in files)
-    assert any(k.startswith("text_encoder_2.") for k in files) == (model == "tiny-xl")
+    out = tmp_path / "out"
+    assert cli.main(train_args(folder, out, "--model", model, "--lr", "1e-2")) == 0
+    files = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    encoders = ["text_encoder", "text_encoder_2"] if model == "tiny-xl" else ["text_encoder"]
+    assert {k.split(".")[0] for k in files} == {"unet", *encoders}
+    for part in ("unet", *encoders):  # lora_B starts at 0: non-zero means Stage II trained this part
+        assert max(v.abs().max().item() for k, v in files.items() if k.startswith(f"{part}.") and "lora_B" in k) > 1e-4, part
+
+    embeds = load_file(str(out / "learned_embeds.safetensors"))
+    vectors = [embeds["clip_l"], embeds["clip_g"]] if model == "tiny-xl" else [embeds["<concept>"]]
+    base = build_tiny_pipeline(model)
+    pairs = [(base.tokenizer, base.text_encoder)] + ([(base.tokenizer_2, base.text_encoder_2)] if model == "tiny-xl" else [])
+    for (tokenizer, encoder), v in zip(pairs, vectors, strict=True):
+        table = encoder.get_input_embeddings().weight.detach()
+        class_vector = table[tokenizer("cat", add_special_tokens=False).input_ids[0]]
+        r = table.norm(dim=1).mean()
+        start = r * class_vector / class_vector.norm()  # where E_i starts (zero-initialised heads)
+        assert v.shape == (1, table.shape[1])
+        torch.testing.assert_close(v[0].norm(), r, rtol=1e-5, atol=0)
+        assert (v[0] - start).abs().max() > 1e-3  # the encoder learned: the vector left the class word
+
+    def pipeline(lora: bool):
+        pipe = build_tiny_pipeline(model)
+        if model == "tiny-xl":  # README, "Using the files elsewhere": one load per text encoder
+            pipe.load_textual_inversion(embeds["clip_l"], token="<concept>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(embeds["clip_g"], token="<concept>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(str(out))
+        if lora:
+            pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+        return pipe
+
+    def draw(pipe):
+        with torch.no_grad():
+            return torch.tensor(pipe("a photo of <concept> cat", num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images[0])
+
+    with_lora, without = pipeline(True), pipeline(False)
+    for name in encoders:  # each text encoder's LoRA loaded and changes its output
+        ids = getattr(without, name.replace("text_encoder", "tokenizer"))("a photo of cat", return_tensors="pt").input_ids
+        with torch.no_grad():
+            a, b = getattr(with_lora, name)(ids)[0], getattr(without, name)(ids)[0]
+        assert (a - b).abs().max() > 1e-5, name
+    assert (draw(with_lora) - draw(without)).abs().max().item() > 1e-3
 
 
 def test_two_concepts_trained_apart_compose_in_one_prompt(tmp_path):
@@ -209,7 +251,79 @@ def test_mask_command_fails_fast_without_weights_and_writes_masks_where_training
     assert cli.main(["mask", "--images", str(folder), "--class-word", "cat", "--sam", "/nowhere"]) == 2
     assert "--grounding-dino is required" in capsys.readouterr().err and time.monotonic() - start < 5
     image = Image.open(folder / "cat.jpg")
+    assert image.size == (128, 128)  # 4 pixels per training pixel at 32: edges on multiples of 4 stay sharp
     mask = np.zeros(image.size[::-1], dtype=bool)
-    mask[10:60, 20:90] = True
-    save_mask(mask, folder / "cat.jpg")
-    assert load_image_folder(folder, 32, masks=True)[0].mask.sum() > 0
+    mask[8:60, 20:88] = True  # rows 8-59, columns 20-87: not symmetric, so a transposed or flipped mask shows
+    written = save_mask(mask, folder / "cat.jpg")
+    assert written == folder / "cat.mask.png"
+    assert sorted(p.name for p in folder.iterdir()) == ["cat.jpg", "cat.mask.png"]  # no temporary file left
+    assert np.array_equal(np.asarray(Image.open(written)), np.where(mask, 255, 0))  # white = the concept, exactly
+    expected = torch.zeros(1, 32, 32)
+    expected[0, 2:15, 5:22] = 1  # the same rectangle at 32 px
+    assert torch.equal(load_image_folder(folder, 32, masks=True)[0].mask, expected)  # what training reads
+
+
+def test_paper_settings_are_the_defaults(tmp_path, monkeypatch):
+    """Section 4: Stage I 50 it. at lr 1e-4 with batch 16, Stage II 100 it. at lr 5e-5 with batch 4, rates unscaled."""
+    import yaml
+
+    seen = []
+    original = SingleInsert.loss
+
+    def spy(self, batch, group):
+        seen.append((group, len(batch.latents)))
+        return original(self, batch, group)
+
+    rates = {}
+    original_adamw = torch.optim.AdamW
+
+    def adamw(groups, **kw):
+        optimizer = original_adamw(groups, **kw)
+        rates[len(rates)] = [g["lr"] for g in optimizer.param_groups]
+        return optimizer
+
+    monkeypatch.setattr(SingleInsert, "loss", spy)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    folder = one_image_folder(tmp_path / "img")
+    assert cli.main(["train", "--method", "singleinsert", "--images", str(folder), "--class-word", "cat", "--output",
+                     str(tmp_path / "out"), "--num-validation-images", "0", "--checkpointing-steps", "1000"]) == 0
+    assert [g for g, _ in seen] == ["stage1"] * 50 + ["stage2"] * 100
+    assert {n for g, n in seen if g == "stage1"} == {16} and {n for g, n in seen if g == "stage2"} == {4}
+    assert rates == {0: [1e-4], 1: [5e-5]}  # stage1, stage2: the paper's rates, not × batch size
+    resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert (resolved["stage1_batch_size"], resolved["stage2_batch_size"], resolved["scale_lr"]) == (16, 4, None)
+
+
+def test_a_mirrored_row_feeds_the_mirrored_image_to_the_encoder():
+    method, _ = make()
+    batch = _batch(method)
+    batch.flipped = torch.tensor([False, True])
+    inputs = method.encoder_inputs(batch)
+    torch.testing.assert_close(inputs[0], method.images[0])
+    torch.testing.assert_close(inputs[1], method.images[1].flip(-1))
+    assert not torch.allclose(inputs[1], method.images[1])
+
+
+def test_losses_use_the_v_prediction_x0_on_v_models(monkeypatch):
+    """On a v-prediction model x* = α_t·x_t − σ_t·v̂: recompute L_fg by hand from the UNet's own output."""
+    method, backbone = make("tiny-v", stage2_steps=0)
+    assert backbone.prediction_type == "v_prediction"
+    calls = []
+    original = type(backbone).unet_forward
+
+    def record(self, noisy, timesteps, *args, **kwargs):
+        out = original(self, noisy, timesteps, *args, **kwargs)
+        calls.append((noisy.detach().clone(), timesteps.clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(type(backbone), "unet_forward", record)
+    batch = _batch(method)
+    _, logs = method.loss(batch, "stage1")
+    noisy, t, v = calls[0]
+    b = len(batch.latents)
+    alphas = backbone.noise_scheduler.alphas_cumprod[t[:b]].view(-1, 1, 1, 1)
+    x_star = alphas.sqrt() * noisy[:b] - (1 - alphas).sqrt() * v[:b].float()
+    by_hand = (batch.masks * (x_star - batch.latents) ** 2).mean().item()
+    assert logs["fg"] == pytest.approx(by_hand, rel=1e-5)
+    epsilon_reading = (noisy[:b] - (1 - alphas).sqrt() * v[:b]) / alphas.sqrt()  # the planted-bug formula
+    assert (batch.masks * (epsilon_reading - batch.latents) ** 2).mean().item() != pytest.approx(by_hand, rel=1e-2)

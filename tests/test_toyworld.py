@@ -12,29 +12,71 @@ from personalize.toyworld.judge import WEIGHTS_DIR, ToyJudge, parse_target
 STEPS_TO_LEARN = 300  # Textual Inversion steps (lr 5e-3) of the learning test, tuned on the shipped model
 
 from personalize.toyworld.world import (
-    BACKGROUNDS, COLOURS, HELD_OUT, PATTERNS, POSITIONS, SHAPES, SIZES, Scene, caption, random_scene, render,
+    BACKGROUNDS, COLOURS, HELD_OUT, PATTERNS, POSITIONS, SHAPES, SIZE, SIZES, Scene, Thing, caption, describe,
+    random_pair, random_scene, render, render_objects,
 )
+
+
+def _interior(mask):
+    """The mask without its edge pixels (anti-aliased: partly background)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
 
 
 def test_render_is_exact_and_seeded():
     scene = Scene("square", "red", "plain", "gray", "large", "center")
     image, mask = render(scene)
     pixels = np.asarray(image)
-    assert image.size == (32, 32) and mask.shape == (32, 32)
-    assert (np.abs(pixels[mask] - COLOURS["red"]).max(axis=1) <= 40).mean() > 0.95  # inside: the colour
+    assert image.size == (SIZE, SIZE) == (64, 64) and mask.shape == (64, 64)
+    assert (np.abs(pixels[_interior(mask)] - COLOURS["red"]).max(axis=1) <= 40).mean() > 0.95  # inside: the colour
     assert (pixels[~mask] == BACKGROUNDS["gray"]).all(axis=1).mean() > 0.9  # outside: the background
     assert 0.2 < mask.mean() < 0.6
     a, b = random.Random(3), random.Random(3)
     assert random_scene(a) == random_scene(b)
 
 
+def test_patterns_are_bold_enough_to_see_on_a_small_object():
+    """A small striped object shows both of its tones in quantity; a dotted one shows white dots inside."""
+    image, mask = render(Scene("circle", "blue", "striped", "white", "small", "center"))
+    inside = np.asarray(image)[mask].astype(float)
+    dark = (inside.max(axis=1) < 0.6 * max(COLOURS["blue"]))
+    assert 0.3 < dark.mean() < 0.7, dark.mean()
+    image, mask = render(Scene("circle", "red", "dotted", "black", "small", "center"))
+    white = (np.asarray(image)[mask] > 200).all(axis=1)
+    assert white.sum() >= 16, white.sum()  # at least four 4-px dots
+
+
+def test_two_object_scenes_have_one_exact_mask_per_object():
+    scene = Scene("circle", "red", "plain", "gray", "large", "left", second=Thing("square", "blue", "plain", "small"))
+    image, masks = render_objects(scene)
+    pixels = np.asarray(image)
+    assert len(masks) == 2 and not (masks[0] & masks[1]).any()  # side by side, never touching
+    assert masks[0][:, : SIZE // 2].sum() == masks[0].sum() and masks[1][:, SIZE // 2 :].sum() == masks[1].sum()
+    assert (np.abs(pixels[_interior(masks[0])] - COLOURS["red"]).max(axis=1) <= 40).mean() > 0.95
+    assert (np.abs(pixels[_interior(masks[1])] - COLOURS["blue"]).max(axis=1) <= 40).mean() > 0.95
+    assert masks[0].sum() > masks[1].sum()  # large vs small
+    assert np.array_equal(render(scene)[1], masks[0] | masks[1])
+    assert describe(scene) == "a large red circle on the left and a small blue square on the right on a gray background"
+    texts = {caption(scene, random.Random(i)) for i in range(200)}
+    assert any(" next to " in t for t in texts) and any(t.startswith("a ") and " on the left and " in t for t in texts)
+    assert random_pair(random.Random(5)) == random_pair(random.Random(5))
+
+
 def test_held_out_concepts_are_never_named_whole():
     rng = random.Random(0)
     for colour, shape, pattern in HELD_OUT:
-        scene = Scene(shape, colour, pattern, "white", "large", "center")
-        for _ in range(200):
-            text = caption(scene, rng, drop=0.0)
-            assert not (colour in text and pattern in text and shape in text), text
+        alone = Scene(shape, colour, pattern, "white", "large", "center")
+        paired = Scene("circle", "red", "plain", "white", "small", "left", second=Thing(shape, colour, pattern, "large"))
+        for scene in (alone, paired):
+            for _ in range(200):
+                text = caption(scene, rng, drop=0.0)
+                assert f"{colour} {pattern} {shape}" not in text, text
+                if scene is alone:
+                    assert not (colour in text and pattern in text and shape in text), text
 
 
 def test_every_caption_word_is_one_clip_token():
@@ -52,14 +94,26 @@ def test_judge_targets_parse():
         ToyJudge.load("/nowhere/judge.safetensors")
 
 
-@pytest.mark.skipif(not (WEIGHTS_DIR / "judge.safetensors").exists(), reason="judge weights not shipped")
-def test_shipped_judge_reads_fresh_renders():
+def test_shipped_judge_reads_every_object_of_fresh_renders():
+    from personalize.toyworld.judge import pair_shows
+
     rng = random.Random(123)
-    scenes = [random_scene(rng, size="large") for _ in range(200)]
-    predicted = ToyJudge.load().predict([render(s)[0] for s in scenes])
-    for attribute in ("shape", "colour", "background"):
+    judge = ToyJudge.load()
+    scenes = [random_scene(rng) for _ in range(150)]
+    predicted = judge.predict([render(s)[0] for s in scenes])
+    for attribute in ("shape", "colour", "pattern", "background", "size", "position"):
         accuracy = np.mean([p[attribute] == getattr(s, attribute) for p, s in zip(predicted, scenes)])
-        assert accuracy > 0.9, (attribute, accuracy)
+        assert accuracy >= 0.95, (attribute, accuracy)
+    assert all(p["objects"] == "one" and p["left"] is None for p in predicted)
+    pairs = [random_pair(rng) for _ in range(150)]
+    predicted = judge.predict([render(s)[0] for s in pairs])
+    for attribute in ("shape", "colour", "pattern", "size"):
+        accuracy = np.mean([p[side][attribute] == getattr(t, attribute)
+                            for p, s in zip(predicted, pairs) for side, t in zip(("left", "right"), s.things)])
+        assert accuracy >= 0.95, (attribute, accuracy)
+    assert all(p["objects"] == "two" and p["shape"] is None for p in predicted)  # a pair never reads as a lone concept
+    traits = [[{"colour": t.colour, "shape": t.shape} for t in s.things] for s in pairs]
+    assert np.mean([pair_shows(p, a, b) and pair_shows(p, b, a) for p, (a, b) in zip(predicted, traits)]) >= 0.9
 
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy model not shipped")

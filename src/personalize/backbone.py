@@ -1,6 +1,7 @@
 """One object for a loaded base model; every SD 1.x / 2.x / SDXL difference lives here and nowhere else.
 
-`load_backbone(spec)` accepts a built-in name (`tiny`, `tiny-v`, `tiny-xl`), a local diffusers folder, a single
+`load_backbone(spec)` accepts a built-in name (`tiny`, `tiny-v`, `tiny-xl`; `random:sd15`, `random:sd21`,
+`random:sdxl` for real-size architectures with random weights, see `architectures/`), a local diffusers folder, a single
 `.safetensors` / `.ckpt` checkpoint, or a Hugging Face hub id. The `Backbone` it returns offers what the methods
 need — tokenize, encode_prompt, add_noise, the loss target, x0 from a prediction, the UNet call — with the
 prediction type (epsilon or v) and SDXL's second encoder, pooled embedding and time ids handled inside.
@@ -20,6 +21,8 @@ from .errors import PersonalizeError
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+SAMPLER_FILE = "personalize.json"  # a model folder's own recommended sampler settings: {"sampler": {...}}
+SD_SAMPLER = {"inference_steps": 30, "guidance": 7.5}  # what SD 1.x/2.x/XL users draw with, for folders without one
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Backbone:
 
     pipe: object
     name: str
+    sampler: dict = field(default_factory=lambda: dict(SD_SAMPLER))  # recommended steps / guidance of this model
+    cache_prompt_embeddings: bool = False  # encode each distinct prompt once (only when nothing on the text side trains)
     tokenizers: list = field(init=False)
     text_encoders: list = field(init=False)
 
@@ -53,12 +58,30 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_step(self) -> int:
+        """Image sides must be multiples of this: the VAE's and the UNet's downsampling together (64 for SD 1.x)."""
+        return self.vae_scale * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    @property
     def default_resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale
 
     @property
     def embedding_dims(self) -> list[int]:
         return [e.get_input_embeddings().embedding_dim for e in self.text_encoders]
+
+    @property
+    def sd_version(self) -> str:
+        """'sdxl', 'sd2' or 'sd1': the family other tools file a LoRA under (kohya's ss_v2, A1111's Lora tab).
+
+        SDXL has two text encoders. SD 2.x is told by its one encoder, OpenCLIP ViT-H, 1024 wide in every 2.x model
+        (SD 1.x's CLIP ViT-L is 768). An encoder of neither width (the built-in tiny models) counts as 2.x when the
+        model predicts v, as SD 2.x 768-v does and no SD 1.x release does: so `tiny-v` stands in for SD 2.x.
+        """
+        if self.is_sdxl:
+            return "sdxl"
+        width = self.embedding_dims[0]
+        return "sd2" if width == 1024 or (width != 768 and self.prediction_type == "v_prediction") else "sd1"
 
     # -- text --------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -69,7 +92,24 @@ class Backbone:
         ]
 
     def encode_prompt(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings for the UNet (and SDXL's pooled embedding), exactly as the diffusers pipelines build them."""
+        """Prompt embeddings for the UNet (and SDXL's pooled embedding), exactly as the diffusers pipelines build them.
+
+        With `cache_prompt_embeddings` each distinct prompt is encoded once, alone (so its embedding never depends on
+        which batch first asked for it: a resumed run reads the same numbers), and reused without gradients."""
+        if not self.cache_prompt_embeddings:
+            return self._encode(input_ids)
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        keys = [tuple(tuple(ids[i].tolist()) for ids in input_ids) for i in range(len(input_ids[0]))]
+        for key in dict.fromkeys(keys):
+            if key not in cache:
+                with torch.no_grad():
+                    hidden, pooled = self._encode([torch.tensor([row]) for row in key])
+                cache[key] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([cache[k][0] for k in keys])
+        pooled = None if cache[keys[0]][1] is None else torch.stack([cache[k][1] for k in keys])
+        return hidden, pooled
+
+    def _encode(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.is_sdxl:
             encoder = self.text_encoders[0]
             return encoder(input_ids[0].to(encoder.device))[0], None
@@ -138,6 +178,15 @@ class Backbone:
             module.requires_grad_(False)
             module.eval()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet's and text encoders' activations in the backward pass. Both libraries checkpoint only in
+        training mode; SD's networks have no dropout, so training mode changes nothing else."""
+        self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        for encoder in self.text_encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            encoder.train()
+
 
 def _pool_at_first_eos(text_encoder, eos_token_id: int) -> None:
     """Make the pooled output read the real end-of-text position even when placeholders are in the prompt.
@@ -155,14 +204,47 @@ def _pool_at_first_eos(text_encoder, eos_token_id: int) -> None:
 # -- loading ---------------------------------------------------------------------------------------------------
 
 MODEL_HELP = (
-    "pass --model toy or tiny (built in), a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
-    "checkpoint, or a hub id that is in your Hugging Face cache"
+    "pass --model toy or tiny (built in), random:sd15, random:sd21 or random:sdxl (real-size architectures, random "
+    "weights), a local diffusers folder (with model_index.json), a single .safetensors/.ckpt checkpoint, or a hub id "
+    "that is in your Hugging Face cache"
 )
 
 
 def load_backbone(spec: str, *, model_config: str | None = None) -> Backbone:
     """Load a base model from a built-in name, a diffusers folder, a single-file checkpoint or a hub id."""
-    return Backbone(pipe=_load_pipeline(str(spec), model_config), name=str(spec))
+    return Backbone(pipe=_load_pipeline(str(spec), model_config), name=str(spec), sampler=sampler_settings(spec))
+
+
+def model_folder(spec: str) -> Path | None:
+    """The local diffusers folder `spec` names (the toy model's for `toy`), or None.
+
+    For `random:NAME` it is the shipped configs' folder, which holds the built folder's configs byte for byte but
+    no weights: enough for reading configs, and nothing is built.
+    """
+    if spec == "toy":
+        from .toyworld import TOY_MODEL_DIR
+
+        return TOY_MODEL_DIR
+    from .architectures import config_folder, is_random_model
+
+    if is_random_model(spec):
+        return config_folder(spec)
+    path = Path(spec).expanduser()
+    return path if (path / "model_index.json").is_file() else None
+
+
+def sampler_settings(spec: str) -> dict:
+    """Sampler steps and guidance that suit a model: its folder's `personalize.json`, else SD's usual 30 / 7.5."""
+    import json
+
+    folder = model_folder(str(spec))
+    settings = dict(SD_SAMPLER)
+    if folder is not None and (folder / SAMPLER_FILE).is_file():
+        try:
+            settings.update(json.loads((folder / SAMPLER_FILE).read_text()).get("sampler", {}))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise PersonalizeError(f"{folder / SAMPLER_FILE} is not readable JSON with a 'sampler' mapping ({exc})") from exc
+    return {k: settings[k] for k in SD_SAMPLER}
 
 
 def _load_pipeline(spec: str, model_config: str | None):
@@ -177,6 +259,10 @@ def _load_pipeline(spec: str, model_config: str | None):
             raise PersonalizeError(f"the toy model's weights are not in {TOY_MODEL_DIR}; train them with "
                                    f"`personalize toyworld train-base --output {TOY_MODEL_DIR}`")
         return _quiet(DiffusionPipeline.from_pretrained(TOY_MODEL_DIR, **_no_safety_checker()))
+    from .architectures import is_random_model, random_model_folder
+
+    if is_random_model(spec):  # real-size configs + random weights, built once into the cache; then a plain folder
+        spec = str(random_model_folder(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():

@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .errors import PersonalizeError
+from .errors import PersonalizeError, PlaceholderTaken
 
 
 # -- flags from dataclasses -------------------------------------------------------------------------------------
@@ -73,16 +73,39 @@ def read_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name: str) -> dict:
+    """A preset: one YAML file of option defaults in the package (its first comment line says what it is for)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise PersonalizeError(f"unknown --preset {name!r}; `personalize presets` lists them: {', '.join(preset_names())}")
+    return read_config_file(str(path))
+
+
+def preset_description(name: str) -> str:
+    first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    return first.lstrip("# ").strip()
+
+
 def build_configs(argv: list[str]):
-    """Parse `train` flags into (TrainConfig, method config)."""
+    """Parse `train` flags into (TrainConfig, method config). Precedence: the dataclasses' defaults < --preset <
+    --config FILE < the command line."""
     from .methods import METHODS
     from .trainer import TrainConfig
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
-    file_values = read_config_file(known.config) if known.config else {}
+    preset_values = read_preset(known.preset) if known.preset else {}
+    file_values = {**preset_values, **(read_config_file(known.config) if known.config else {})}
     method = known.method or file_values.get("method") or TrainConfig.method
     if method not in METHODS:
         raise PersonalizeError(f"unknown --method {method!r}; choose from {', '.join(sorted(METHODS))}")
@@ -90,14 +113,18 @@ def build_configs(argv: list[str]):
 
     parser = argparse.ArgumentParser(prog="personalize train", description="Train a concept from a folder of images.")
     parser.add_argument("--config", help="YAML/TOML file with any of these options (the command line wins)")
+    parser.add_argument("--preset", help=f"named defaults ({', '.join(preset_names())}; `personalize presets` shows them); "
+                                         "--config and the command line win")
     seen: set[str] = set()
     add_dataclass_flags(parser, TrainConfig, seen)
     add_dataclass_flags(parser, method_cls, seen)
     args = vars(parser.parse_args(argv))
     args.pop("config", None)
+    args.pop("preset", None)
     unknown = set(file_values) - seen - {"personalize"}
     if unknown:
-        raise PersonalizeError(f"--config {known.config}: unknown option(s) {', '.join(sorted(unknown))}")
+        where = f"--config {known.config}" if known.config else f"--preset {known.preset}"
+        raise PersonalizeError(f"{where}: unknown option(s) {', '.join(sorted(unknown))} for --method {method}")
     values = {**{k: v for k, v in file_values.items() if k in seen}, **args, "method": method}
     train_cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
     method_cfg = method_cls(**{f.name: values[f.name] for f in fields(method_cls) if f.name in values})
@@ -118,6 +145,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_generate(argv: list[str]) -> int:
     from .backbone import load_backbone
+    from .concepts import renamed
     from .generate import generate_images, install_concept, make_grid, run_settings, save_png
 
     p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
@@ -126,12 +154,15 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--model-config", default=None, help="diffusers folder with the configs of a single-file checkpoint")
     p.add_argument("--concept", action="append", default=[], help="run folder, embedding file or LoRA file (repeatable)")
     p.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of each --concept's LoRA, in order (default 1)")
+    p.add_argument("--token", action="append", default=[],
+                   help="placeholder to give each --concept's embedding, in order ('' or none: the file's own); "
+                        "e.g. two runs trained with the same token: --token '' --token '<other>'")
     p.add_argument("--prompt", action="append", required=True, help="prompt using the concept's token (repeatable)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, else 30)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's recommended, else 7.5)")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
     a = p.parse_args(argv)
@@ -139,9 +170,17 @@ def cmd_generate(argv: list[str]) -> int:
     from .trainer import default_model
 
     backbone = load_backbone(a.model or run.get("model") or default_model(), model_config=a.model_config or run.get("model_config"))
+    if len(a.token) > len(a.concept):
+        raise PersonalizeError(f"{len(a.token)} --token for {len(a.concept)} --concept: give one per --concept, in order")
     scales = a.lora_scale + [1.0] * (len(a.concept) - len(a.lora_scale))
-    for concept, scale in zip(a.concept, scales):
-        print(f"loaded {install_concept(backbone, concept, lora_scale=scale)} from {concept}")
+    tokens = a.token + [""] * (len(a.concept) - len(a.token))
+    for i, (concept, scale, token) in enumerate(zip(a.concept, scales, tokens)):
+        try:
+            print(f"loaded {install_concept(backbone, concept, token=token or None, lora_scale=scale)} from {concept}")
+        except PlaceholderTaken as exc:  # the advice must name generate's own way out: --token in --concept order
+            advice = " ".join(["--token ''"] * i + [f"--token '{renamed(exc.placeholder)}'"])
+            raise PersonalizeError(f"--concept {concept}: the placeholder {exc.placeholder!r} is taken (a word of the "
+                                   f"tokenizer, or an earlier --concept's); rename it at load: {advice}") from exc
     seeds = [a.seed + i for i in range(a.num_images)]
     images = generate_images(backbone, a.prompt, seeds, steps=a.steps, guidance=a.guidance,
                              resolution=a.resolution, negative_prompt=a.negative_prompt)
@@ -195,18 +234,23 @@ def cmd_mask(argv: list[str]) -> int:
 
 
 def cmd_toyworld(argv: list[str]) -> int:
+    from dataclasses import asdict
+
+    from .toyworld.base_model import ToyTrainingConfig
+
     p = argparse.ArgumentParser(prog="personalize toyworld", description="The toy world: its base model and its judge.")
     sub = p.add_subparsers(dest="what", required=True)
-    base = sub.add_parser("train-base", help="train the toy base model (a diffusers folder)")
-    base.add_argument("--output", required=True)
-    base.add_argument("--minutes", type=float, default=40.0, help="wall-time budget of the UNet stage")
-    base.add_argument("--vae-steps", type=int, default=800)
-    base.add_argument("--batch-size", type=int, default=32)
-    base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--resume", action="store_true", help="continue OUTPUT/checkpoint.pt")
+    defaults = asdict(ToyTrainingConfig())
+    for name, help_text in (("train-vae", "stage 1: train the VAE into OUTPUT/vae and gate it on the judge"),
+                            ("train-base", "both stages: the VAE (unless OUTPUT/vae passed its gate), then UNet + text encoder")):
+        stage = sub.add_parser(name, help=help_text)
+        stage.add_argument("--output", required=True, help="the model folder (diffusers layout)")
+        for key, value in defaults.items():
+            stage.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, dest=key, help=f"(default: {value})")
+        stage.add_argument("--resume", action="store_true", help="continue the stage's checkpoint in OUTPUT")
     judge = sub.add_parser("train-judge", help="train the attribute judge on fresh renders")
     judge.add_argument("--output", default=None, help="default: the package's toyworld/weights/judge.safetensors")
-    judge.add_argument("--steps", type=int, default=2000)
+    judge.add_argument("--steps", type=int, default=4000)
     judge.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.what == "train-judge":
@@ -214,15 +258,68 @@ def cmd_toyworld(argv: list[str]) -> int:
 
         accuracy = train_judge(a.output or WEIGHTS_DIR / "judge.safetensors", steps=a.steps, seed=a.seed)
         print("judge accuracy on 1000 fresh renders: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
-    if a.what == "train-base":
-        from .toyworld.base_model import train_base
+        return 0
+    cfg = ToyTrainingConfig(**{k: getattr(a, k) for k in defaults})
+    if a.what == "train-vae":
+        from .toyworld.base_model import VAE_GATE, gate_passed, train_vae
 
-        out = train_base(a.output, minutes=a.minutes, vae_steps=a.vae_steps, batch=a.batch_size, seed=a.seed, resume=a.resume)
-        print(f"toy base model written to {out}")
+        report = train_vae(a.output, cfg, resume=a.resume)
+        verdict = "passed" if gate_passed(report) else "FAILED"
+        print(f"VAE gate {verdict} (judge on reconstructions of 1000 fresh renders, need >= {VAE_GATE} each): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+        return 0 if gate_passed(report) else 1
+    from .toyworld.base_model import train_base
+
+    out = train_base(a.output, cfg, resume=a.resume)
+    print(f"toy base model written to {out}")
     return 0
 
 
-VERBS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench, "mask": cmd_mask, "toyworld": cmd_toyworld}
+def cmd_plot(argv: list[str]) -> int:
+    from .plot import plot_run
+
+    p = argparse.ArgumentParser(prog="personalize plot", description="Draw a run's loss and learning-rate curves (from its logs.jsonl) to a PNG.")
+    p.add_argument("run", help="a run folder written by personalize train")
+    p.add_argument("--output", default=None, help="PNG file (default: RUN/curves.png)")
+    p.add_argument("--smooth", type=int, default=20, help="moving-average window of the loss, in steps")
+    a = p.parse_args(argv)
+    print(f"wrote {plot_run(a.run, a.output, a.smooth)}")
+    return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="personalize presets", description="List the presets of `personalize train --preset`.").parse_args(argv)
+    for name in preset_names():
+        values = ", ".join(f"{k}={v}" for k, v in read_preset(name).items())
+        print(f"{name}\n    {preset_description(name)}\n    {values}")
+    return 0
+
+
+def cmd_ui(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="personalize ui", description="The whole flow in a browser: images in, concept out "
+                                "(every action runs, and shows, its personalize command).")
+    p.add_argument("--workspace", default=".", help="the only folder the UI reads and writes: uploads/, runs/ (default: here)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--auth", default=None, help="USER:PASSWORD asked by the browser (HTTP Basic) before anything is shown")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest image file an upload may be")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    a = p.parse_args(argv)
+    try:
+        from .ui.app import serve
+        from .ui.guards import parse_auth
+    except ImportError as exc:
+        raise PersonalizeError(f"personalize ui needs its extra: pip install 'personalize[ui]' ({exc})") from exc
+    try:
+        serve(a.workspace, a.host, a.port, parse_auth(a.auth) if a.auth else None, a.max_upload_mb, show=not a.no_browser)
+    except KeyboardInterrupt:
+        pass
+    print("personalize ui stopped; jobs it started go on (a new `personalize ui` shows them)")
+    return 0
+
+
+VERBS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench, "mask": cmd_mask, "toyworld": cmd_toyworld,
+         "plot": cmd_plot, "presets": cmd_presets, "ui": cmd_ui}
 
 
 def _quiet_libraries() -> None:
@@ -245,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print("usage: personalize {train,generate,evaluate,bench,mask,toyworld} [options]   (personalize VERB --help for its options)")
+        print("usage: personalize {train,generate,evaluate,bench,mask,toyworld,plot,presets,ui} [options]   (personalize VERB --help for its options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()

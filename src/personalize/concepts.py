@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import PersonalizeError
+from .errors import PersonalizeError, PlaceholderTaken
 
 
 class FixedVectors(nn.Module):
@@ -53,13 +53,19 @@ def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
     return prompt.replace(token, " ".join(token_names(token, num_vectors))) if num_vectors > 1 else prompt
 
 
+def renamed(token: str) -> str:
+    """A suggestion for a placeholder that is taken: `<c>` -> `<my-c>`."""
+    return f"<my-{token.strip('<>')}>"
+
+
 def add_placeholder_tokens(tokenizer, token: str, num_vectors: int) -> list[int]:
     """Add the placeholder's names to a tokenizer and return their ids; refuse words the tokenizer already knows."""
     names = token_names(token, num_vectors)
     for name in names:
         if name in tokenizer.get_vocab():
-            raise PersonalizeError(
-                f"the placeholder {name!r} is already a word of the tokenizer; pick a new one, e.g. --token '<my-{name.strip('<>')}>'"
+            raise PlaceholderTaken(
+                f"the placeholder {name!r} is already a word of the tokenizer; pick a new one, e.g. --token '{renamed(token)}'",
+                token,
             )
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
@@ -82,6 +88,8 @@ class ConceptEmbedding(nn.Module):
         self.base = base
         self.concepts = nn.ModuleDict()
         self._first_ids: dict[str, int] = {}
+        self._lookup_key: tuple | None = None  # what the cached id -> slot table was built for
+        self._lookup: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # some callers (e.g. resize checks) peek at .weight
@@ -107,27 +115,36 @@ class ConceptEmbedding(nn.Module):
         if not self.concepts:
             return embeds
         batch = input_ids.shape[0]
-        table, slot_of_id = [], {}
+        table = []
         for name, source in self.concepts.items():
             vectors = source()  # [n, d] shared by every row, or [B, n, d] per row (an image encoder's output)
             if vectors.dim() == 2:
                 vectors = vectors.unsqueeze(0).expand(batch, -1, -1)
             elif vectors.shape[0] != batch:
                 raise ValueError(f"concept {name!r} gives vectors for {vectors.shape[0]} rows, the prompt batch has {batch}")
-            first = self._first_ids[name]
-            offset = sum(t.shape[1] for t in table)
-            for i in range(vectors.shape[1]):
-                slot_of_id[first + i] = offset + i
             table.append(vectors.to(embeds.dtype))
+        key = (tuple((self._first_ids[name], t.shape[1]) for name, t in zip(self.concepts, table)), input_ids.device)
+        lookup = self._slot_lookup(key)
         table = torch.cat(table, dim=1)  # [B, K, d]: every concept's vectors, per row
-        lookup = torch.full((max(slot_of_id) + 1,), -1, dtype=torch.long, device=input_ids.device)
-        lookup[torch.tensor(list(slot_of_id), device=input_ids.device)] = torch.tensor(
-            list(slot_of_id.values()), device=input_ids.device
-        )
         slots = lookup[input_ids.clamp(max=lookup.numel() - 1)]
         slots = torch.where(input_ids < lookup.numel(), slots, torch.full_like(slots, -1))
         injected = torch.gather(table, 1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, table.shape[-1]))
         return torch.where((slots >= 0).unsqueeze(-1), injected, embeds)
+
+
+    def _slot_lookup(self, key: tuple) -> torch.Tensor:
+        """id -> slot in the concatenated vector table (-1: not a placeholder), built only when the concepts (their
+        first ids and vector counts) or the device change: a host-to-device copy per step would be a GPU sync."""
+        if key != self._lookup_key:
+            slot_of_id, offset = {}, 0
+            for first, n in key[0]:
+                for i in range(n):
+                    slot_of_id[first + i] = offset + i
+                offset += n
+            lookup = torch.full((max(slot_of_id) + 1,), -1, dtype=torch.long)
+            lookup[torch.tensor(list(slot_of_id))] = torch.tensor(list(slot_of_id.values()))
+            self._lookup, self._lookup_key = lookup.to(key[1]), key
+        return self._lookup
 
 
 def concept_embedding(text_encoder) -> ConceptEmbedding:

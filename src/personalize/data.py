@@ -18,6 +18,7 @@ ICC colour profiles are not applied: pixel values are taken as sRGB, which is wh
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class TrainImage:
     mask: torch.Tensor | None = None  # float32 [1, R, R] of 0/1 (foreground = 1), when masks were asked for
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the file: SDXL's size conditioning
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image: SDXL's crop conditioning
+    resized_size: tuple[int, int] = (0, 0)  # (height, width) of the resized image the crop was taken from
 
 
 # --------------------------------------------------------------------------------------------- one image
@@ -154,6 +156,15 @@ def crop_top_left(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)
 
 
+def to_bucket_tensor(image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover `bucket` (width, height) and centre-crop it: float32 [3, H, W] in [-1, 1] (one Pillow call,
+    as `to_training_tensor`)."""
+    _, box = cover_crop(image.size, bucket)
+    fitted = image.resize(bucket, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    array = np.asarray(fitted.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize so the shorter side equals `resolution`, centre-crop a square; return float32 [3, R, R] in [-1, 1].
 
@@ -179,6 +190,51 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+# --------------------------------------------------------------------------------------------- aspect-ratio buckets
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Aspect-ratio buckets (kohya's and OneTrainer's idea): sizes (width, height), multiples of `step`, with an area
+    between 3/4 of `resolution`² and `resolution`², from 1:`max_ratio` to `max_ratio`:1. Each image goes to the
+    bucket of the nearest aspect ratio (the larger one on a tie), resized to cover it and centre-cropped by what
+    the aspect ratios differ — instead of losing its long sides to a square crop (a 2:1 image fits a 2:1 bucket
+    exactly: at 512 px, 640×320). An image is never upscaled by more than `max_upscale` (1.0 = never, kohya's
+    bucket_no_upscale): a smaller image gets a smaller bucket of its own aspect ratio."""
+
+    resolution: int
+    step: int
+    max_ratio: float = 2.0
+    max_upscale: float = 1.0
+
+    def sizes(self) -> list[tuple[int, int]]:
+        area, step = self.resolution ** 2, self.step
+        sides = range(step, int(self.resolution * self.max_ratio) + 1, step)
+        return [(w, h) for w in sides for h in sides
+                if 0.75 * area <= w * h <= area and max(w / h, h / w) <= self.max_ratio]
+
+    def fit(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The bucket (width, height) of an image of `size` (width, height)."""
+        width, height = size
+        aspect = math.log(width / height)
+        bucket = min(self.sizes(), key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
+        upscale = max(bucket[0] / width, bucket[1] / height)
+        if upscale > self.max_upscale:  # too small an image: a bucket of its own size (times the allowed upscale)
+            scale = self.max_upscale
+            bucket = (max(self.step, int(width * scale) // self.step * self.step),
+                      max(self.step, int(height * scale) // self.step * self.step))
+        return bucket
+
+
+def cover_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """(resized (width, height), source box) of resizing `size` to cover `target` and cropping its centre."""
+    width, height = size
+    scale = max(target[0] / width, target[1] / height)
+    box_w, box_h = target[0] / scale, target[1] / scale
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (round(width * scale), round(height * scale)), (left, top, left + box_w, top + box_h)
+
+
 # --------------------------------------------------------------------------------------------- masks
 
 MASK_THRESHOLD = 128  # a mask pixel is foreground when its 8-bit gray value is at least this (i.e. ≥ 50 %)
@@ -199,7 +255,8 @@ def find_mask(image_path: Path, masks_dir: str | Path | None = None) -> Path:
     )
 
 
-def load_mask(path: Path, image_size: tuple[int, int], resolution: int, log=_LOG) -> torch.Tensor:
+def load_mask(path: Path, image_size: tuple[int, int], resolution: int, log=_LOG,
+              bucket: tuple[int, int] | None = None) -> torch.Tensor:
     """A mask file -> float32 [1, R, R] of 0/1, cropped exactly like its image.
 
     Any mode is read as gray (alpha-only masks: their alpha), binarised at MASK_THRESHOLD. A mask of another size
@@ -213,7 +270,8 @@ def load_mask(path: Path, image_size: tuple[int, int], resolution: int, log=_LOG
     if binary.size != image_size:
         log.warning("%s is %dx%d but its image is %dx%d: resized to the image (nearest)", path, *binary.size, *image_size)
         binary = binary.resize(image_size, Image.Resampling.NEAREST)
-    mask = (to_training_tensor(binary.convert("RGB"), resolution)[:1] > 0).float()
+    pixels = to_bucket_tensor(binary.convert("RGB"), bucket) if bucket else to_training_tensor(binary.convert("RGB"), resolution)
+    mask = (pixels[:1] > 0).float()
     if mask.sum() == 0:
         raise PersonalizeError(f"{path}: the mask has no foreground (white) pixels at {resolution}px: nothing to learn")
     if mask.sum() == mask.numel():
@@ -291,6 +349,7 @@ def load_image_folder(
     log: logging.Logger | logging.LoggerAdapter = _LOG,
     masks: bool = False,
     masks_dir: str | Path | None = None,
+    buckets: Buckets | None = None,
 ) -> list[TrainImage]:
     """Load every image directly inside `folder` (not recursive), sorted by file name so runs are reproducible.
 
@@ -303,6 +362,7 @@ def load_image_folder(
     `log.warning` naming each.
 
     With `masks=True` each image also gets its foreground mask (`find_mask`, `load_mask`), cropped like it.
+    With `buckets`, each image keeps its aspect ratio in its bucket (see `Buckets`) instead of a square crop.
 
     Raises PersonalizeError when the folder is missing or not a folder, when it holds no image, or when any image
     cannot be decoded (all undecodable files are named at once, so they can be fixed in one go).
@@ -316,16 +376,86 @@ def load_image_folder(
         except PersonalizeError as exc:
             failures.append(str(exc))
             continue
-        if min(image.size) < resolution:
+        bucket = buckets.fit(image.size) if buckets else None
+        if bucket is None and min(image.size) < resolution:
             log.warning(
                 "%s is only %dx%d, smaller than the training resolution %d: it will be upscaled (and look soft)",
                 path, image.width, image.height, resolution,
             )
-        mask = load_mask(find_mask(path, masks_dir), image.size, resolution, log) if masks else None
-        images.append(TrainImage(path, to_training_tensor(image, resolution), _read_caption(path), mask,
-                                 (image.height, image.width), crop_top_left(image.size, resolution)))
+        mask = load_mask(find_mask(path, masks_dir), image.size, resolution, log, bucket) if masks else None
+        target = bucket or (resolution, resolution)
+        (resized_w, resized_h), box = cover_crop(image.size, target)
+        top, left = (round((resized_h - target[1]) / 2), round((resized_w - target[0]) / 2))
+        pixels = to_bucket_tensor(image, bucket) if bucket else to_training_tensor(image, resolution)
+        images.append(TrainImage(path, pixels, _read_caption(path), mask, (image.height, image.width),
+                                 (top, left) if bucket else crop_top_left(image.size, resolution), (resized_h, resized_w)))
     if len(failures) == 1:
         raise PersonalizeError(failures[0])
     if failures:
         raise PersonalizeError(f"{len(failures)} images in {folder} cannot be used:\n  " + "\n  ".join(failures))
     return images
+
+
+# --------------------------------------------------------------------------------------------- several concepts
+
+SUBSET_ALIASES = {"image_dir": "images", "num_repeats": "repeats", "class_data_dir": "class_images"}  # kohya's names
+
+
+@dataclass
+class Subset:
+    """One folder of a multi-concept dataset file (kohya's dataset subsets, OneTrainer's concepts).
+
+    `caption`: where each image's training prompt comes from — None: the method's default (DreamBooth-LoRA and
+    Dis²Booth read NAME.txt, embedding methods use their templates); "files": NAME.txt (the method's default where
+    an image has none); "templates": the method's prompts, ignoring NAME.txt; any other text: that fixed prompt,
+    with {token} and {class_word} filled in. `repeats`: how often each image counts when batches are drawn."""
+
+    images: str
+    token: str | None = None
+    class_word: str | None = None
+    init_word: str | None = None
+    caption: str | None = None
+    repeats: int = 1
+    class_images: str | None = None
+
+    def prompt_for(self, image: TrainImage, reads_caption_files: bool, token: str, class_word: str | None) -> str | None:
+        if self.caption in (None, "files"):
+            return image.caption if (self.caption == "files" or reads_caption_files) else None
+        if self.caption == "templates":
+            return None
+        return self.caption.format(token=token, class_word=class_word)
+
+
+def read_dataset(path: str | Path) -> list[Subset]:
+    """A dataset file (TOML or YAML) with a list `subsets` of {images, token, class_word, init_word, caption,
+    repeats, class_images}; relative folders are read from the file's own folder."""
+    import tomllib
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PersonalizeError(f"--dataset {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else yaml.safe_load(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - TOML and YAML raise their own error types
+        raise PersonalizeError(f"--dataset {path} is not valid TOML/YAML: {exc}") from exc
+    entries = (data or {}).get("subsets") if isinstance(data, dict) else None
+    if not entries or not isinstance(entries, list):
+        raise PersonalizeError(f"--dataset {path}: expected a list `subsets` of folders, e.g. [[subsets]] images = \"dogs/\"")
+    known = set(Subset.__dataclass_fields__)
+    subsets = []
+    for number, entry in enumerate(entries, 1):
+        entry = {SUBSET_ALIASES.get(k, k): v for k, v in (entry or {}).items()}
+        unknown = set(entry) - known
+        if unknown or "images" not in entry:
+            problem = f"unknown key(s) {', '.join(sorted(unknown))}" if unknown else "no `images` folder"
+            raise PersonalizeError(f"--dataset {path}: subset {number} has {problem}; keys: {', '.join(sorted(known))}")
+        for key in ("images", "class_images"):
+            if entry.get(key) and not Path(entry[key]).expanduser().is_absolute():
+                entry[key] = str(path.parent / entry[key])
+        subset = Subset(**entry)
+        if not isinstance(subset.repeats, int) or subset.repeats < 1:
+            raise PersonalizeError(f"--dataset {path}: subset {number}: repeats must be a whole number ≥ 1")
+        subsets.append(subset)
+    return subsets

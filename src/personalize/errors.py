@@ -7,3 +7,11 @@ its traceback.
 
 class PersonalizeError(Exception):
     """A problem with the user's input or environment, with a message that says what to do about it."""
+
+
+class PlaceholderTaken(PersonalizeError):
+    """A placeholder the tokenizer already knows: a word of its vocabulary, or an earlier concept's placeholder."""
+
+    def __init__(self, message: str, placeholder: str):
+        super().__init__(message)
+        self.placeholder = placeholder

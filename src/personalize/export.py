@@ -10,7 +10,8 @@ Embedding formats
   the layout A1111 and ComfyUI read and diffusers loads per encoder.
 - `<name>.pt` (SD 1.x/2.x) — A1111's classic format `{"string_to_param": {"*": [n, d]}, "name": ...}`, plain
   tensors / strings / ints only, so `torch.load(weights_only=True)` opens it (diffusers does). For SDXL the
-  A1111 file is `<name>.safetensors`, a copy of the clip_l/clip_g file.
+  A1111 file is `<name>.safetensors`, a copy of the clip_l/clip_g file. `<name>` is the placeholder without `<>`
+  plus "-emb" (`a1111_name`): `<star>` gives `star-emb.pt`, used as `star-emb` in A1111 and diffusers prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .errors import PersonalizeError
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 BASIS_FILE = "batex_basis.safetensors"
+CONCEPTS_DIR = "concepts"  # a run of several concepts: OUTPUT/concepts/<name>/ holds each one's files
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
@@ -71,9 +73,18 @@ def _check_round_trip(path: Path, expected: dict, loaded: dict) -> None:
         raise PersonalizeError(f"{path} did not read back identical to what was written; is the disk full or failing?")
 
 
+A1111_SUFFIX = "-emb"
+
+
 def a1111_name(token: str) -> str:
-    """A file-name-safe version of the placeholder (A1111 names an embedding after its file)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "concept"
+    """The A1111 / ComfyUI embedding's name: its file name, and the word a prompt writes to use it there.
+
+    The placeholder without its `<>` could be an ordinary word ("star"): diffusers refuses a name already in the
+    vocabulary, and A1111 would replace that word in every prompt. So the name ends in "-emb": CLIP's tokenizer
+    always splits letters from "-", so no such name is ever one vocabulary entry, and A1111 only matches it where a
+    prompt spells out the whole name.
+    """
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "concept") + A1111_SUFFIX
 
 
 def save_embeddings(output_dir: Path, token: str, vectors: list[torch.Tensor], *, step: int, model_name: str) -> list[Path]:
@@ -102,15 +113,15 @@ def save_embeddings(output_dir: Path, token: str, vectors: list[torch.Tensor], *
     return [diffusers_file, a1111_file]
 
 
-def save_basis_sidecar(output_dir: Path, sources, config) -> Path:
+def save_basis_sidecar(output_dir: Path, sources, token: str, init_word: str, config) -> Path:
     """BaTex's basis: per text encoder, the basis token ids [n, M] (−1 = padding) and the learned weights w [n, M]."""
     tensors = {}
     for i, source in enumerate(sources):
         tensors[f"encoder_{i}.basis_ids"] = source.basis_ids.cpu()
         tensors[f"encoder_{i}.w"] = source.w.detach().float().cpu()
     meta = {
-        "token": config.token,
-        "init_word": config.init_word,
+        "token": token,
+        "init_word": init_word,
         "distance": config.distance,
         "basis_size": json.dumps([int((s.basis_ids[0] >= 0).sum()) for s in sources]),
         "subspace_dim": json.dumps(config.subspace_dim),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .concepts import FixedVectors, add_placeholder_tokens, concept_embedding
 from .errors import PersonalizeError
-from .export import EMBEDDINGS_FILE, atomic_write, load_embedding_file
+from .export import CONCEPTS_DIR, EMBEDDINGS_FILE, atomic_write, load_embedding_file
 from .lora import LORA_FILE
 
 
@@ -36,10 +36,15 @@ def install_concept(backbone, path: str | Path, token: str | None = None, lora_s
     """Load a run's folder (its embedding and/or LoRA) or one file into the backbone; return what was loaded.
 
     LoRAs get adapter names `concept_0`, `concept_1`, ... and are combined with their own scales, so concepts
-    trained separately compose in one prompt.
+    trained separately compose in one prompt. A run of several concepts (`OUTPUT/concepts/<name>/`) loads each.
     """
     path = Path(path)
     loaded = []
+    if path.is_dir() and (path / CONCEPTS_DIR).is_dir():
+        if token is not None:
+            raise PersonalizeError(f"{path} holds several concepts: rename one by passing its folder {path / CONCEPTS_DIR}/NAME")
+        loaded += [_install_embedding(backbone, sub / EMBEDDINGS_FILE, None)
+                   for sub in sorted((path / CONCEPTS_DIR).iterdir()) if (sub / EMBEDDINGS_FILE).is_file()]
     embedding = path / EMBEDDINGS_FILE if path.is_dir() else (None if is_lora_file(path) else path)
     lora = path / LORA_FILE if path.is_dir() else (path if is_lora_file(path) else None)
     if embedding is not None and (embedding.exists() or not path.is_dir()):
@@ -70,7 +75,8 @@ def _install_lora(backbone, path: Path, scale: float) -> str:
     try:
         with warnings.catch_warnings():  # peft warns on every adapter after the first: composing is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            pipe.load_lora_weights(str(path), adapter_name=name)
+            # Folder and file name given apart: diffusers 0.35 refuses a bare path when offline (HF_HUB_OFFLINE).
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a LoRA of another model
         raise PersonalizeError(f"{path}: this LoRA does not fit {backbone.name} ({type(exc).__name__}: {str(exc)[:200]})") from exc
     backbone.lora_scales = {**getattr(backbone, "lora_scales", {}), name: scale}
@@ -99,8 +105,8 @@ def generate_images(
     prompts: list[str],
     seeds: list[int],
     *,
-    steps: int = 30,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     resolution: int | None = None,
     negative_prompt: str | None = None,
     batch_size: int = 1,
@@ -108,8 +114,11 @@ def generate_images(
     """One image per (prompt, seed), prompt-major. The pipeline expands multi-vector placeholders itself.
 
     Each image's starting noise comes from its own seeded generator, so image (prompt, seed) is the same whatever
-    `batch_size` draws it with (up to float rounding of batched matrix products).
+    `batch_size` draws it with (up to float rounding of batched matrix products). `steps` and `guidance` default to
+    the model's own recommended settings (`backbone.sampler`).
     """
+    steps = backbone.sampler["inference_steps"] if steps is None else steps
+    guidance = backbone.sampler["guidance"] if guidance is None else guidance
     size = resolution or backbone.default_resolution
     device = backbone.unet.device
     images = []

@@ -3,13 +3,19 @@
 Adapters are added with diffusers' own `add_adapter` (peft underneath), so the trained modules are exactly what
 `load_lora_weights` rebuilds. Files:
 - `pytorch_lora_weights.safetensors` — diffusers/PEFT keys (`unet.…lora_A.weight`), written by the pipeline's own
-  `save_lora_weights` with `lora_adapter_metadata` (rank, alpha, targets), loads with `pipe.load_lora_weights`;
+  `save_lora_weights` with `lora_adapter_metadata`, loads with `pipe.load_lora_weights`. Written to load on every
+  stack pyproject.toml declares (CI's oldest leg loads it there): the metadata holds only the basic LoraConfig
+  fields (diffusers calls `LoraConfig(**metadata)`, which an older peft refuses on any field it does not know), and
+  text-encoder keys keep the `text_model.` level (`text_encoder.text_model.encoder.layers.0.self_attn.q_proj…`),
+  the layout diffusers documents: transformers 4.x needs it, diffusers drops it for 5.x's flatter CLIP;
 - `<name>.kohya.safetensors` — kohya keys (`lora_unet_<module path with _>.lora_down.weight / lora_up.weight /
-  alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for text encoders), the naming A1111, ComfyUI and diffusers read.
+  alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for text encoders), the naming A1111, ComfyUI and diffusers read,
+  with the `ss_*` metadata kohya's trainer writes (A1111 sorts a LoRA into SD1/SD2/SDXL by it).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -80,15 +86,35 @@ def scaling(model, name: str) -> float:
 # -- files -----------------------------------------------------------------------------------------------------
 
 
+# LoraConfig fields that peft has had since our oldest declared version and that decide what an adapter computes;
+# the rest of `to_dict()` (peft 0.21 adds alora_invocation_tokens, arrow_config, ...) would stop an older peft.
+BASIC_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias",
+                       "use_rslora", "use_dora")
+
+
+def basic_config(config: dict) -> dict:
+    """The portable part of a LoraConfig dict."""
+    return {k: config[k] for k in BASIC_CONFIG_FIELDS if k in config}
+
+
+def documented_key(component: str, key: str) -> str:
+    """A peft key as diffusers documents it: text-encoder modules under `text_model.` (transformers 5.x's CLIP has
+    no such level; 4.x's has, and diffusers strips it again where the model lacks it)."""
+    if component.startswith("text_encoder") and not key.startswith("text_model."):
+        return "text_model." + key
+    return key
+
+
 def save_diffusers_lora(pipeline_cls, output_dir: Path, layers: dict[str, dict], metadata: dict[str, dict]) -> Path:
     """Write diffusers' LoRA file via the pipeline class's own writer, atomically.
 
     `layers`/`metadata` map a component ('unet', 'text_encoder', 'text_encoder_2') to its peft state dict and its
-    LoraConfig dict.
+    LoraConfig dict (only its `BASIC_CONFIG_FIELDS` are written).
     """
     output_dir = Path(output_dir)
+    layers = {c: {documented_key(c, k): v for k, v in state.items()} for c, state in layers.items()}
     kwargs = {f"{component}_lora_layers": state for component, state in layers.items()}
-    kwargs.update({f"{component}_lora_adapter_metadata": meta for component, meta in metadata.items()})
+    kwargs.update({f"{component}_lora_adapter_metadata": basic_config(meta) for component, meta in metadata.items()})
 
     def write(tmp: Path) -> None:
         pipeline_cls.save_lora_weights(str(tmp.parent), weight_name=tmp.name, safe_serialization=True, **kwargs)
@@ -114,12 +140,43 @@ def to_kohya(layers: dict[str, dict], alphas: dict[str, float], sdxl: bool) -> d
             if match is None:
                 continue
             module, which = match.groups()
-            if component.startswith("text_encoder") and not module.startswith("text_model."):
-                module = "text_model." + module  # transformers 5.x dropped this level; kohya names keep it
-            name = f"{prefix}_{module.replace('.', '_')}"
+            name = f"{prefix}_{documented_key(component, module).replace('.', '_')}"  # kohya names keep text_model
             out[f"{name}.lora_{'down' if which == 'A' else 'up'}.weight"] = value
             out[f"{name}.alpha"] = torch.tensor(float(alphas[component]))
     return out
+
+
+# kohya's names for the base model (its model_util / sdxl_model_util); a v-prediction SD 1/2 model gets "_v" appended.
+KOHYA_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def kohya_metadata(backbone, configs: dict[str, dict], alphas: dict[str, float], *, step: int, resolution: int) -> dict[str, str]:
+    """The `ss_*` fields kohya's train_network writes (as strings, its spelling of booleans and tuples).
+
+    A1111 files a LoRA by them: `ss_base_model_version` 'sdxl_…' is SDXL, `ss_v2` 'True' SD 2.x, anything else
+    SD 1.x, and its Lora tab hides a LoRA filed under another version than the loaded model's.
+    `configs`/`alphas` are per component ('unet', 'text_encoder', ...) as `save_lora_files` gets them.
+    """
+    version, v_pred = backbone.sd_version, backbone.prediction_type == "v_prediction"
+    main = "unet" if "unet" in configs else next(iter(configs))
+    targets = {f"{c}_target_modules": _module_list(cfg.get("target_modules")) for c, cfg in configs.items()}
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(configs[main]["r"]),
+        "ss_network_alpha": str(float(alphas[main])),
+        "ss_network_args": json.dumps(targets),  # kohya's free-form network options: here, what carries LoRA
+        "ss_network_train_unet_only": str(set(configs) == {"unet"}),
+        "ss_base_model_version": KOHYA_BASE_MODEL[version] + ("_v" if v_pred and version != "sdxl" else ""),
+        "ss_v2": str(version == "sd2"),
+        "ss_v_parameterization": str(v_pred),
+        "ss_resolution": str((resolution, resolution)),
+        "ss_sd_model_name": backbone.name,
+        "ss_steps": str(step),
+    }
+
+
+def _module_list(targets) -> str:
+    return targets if isinstance(targets, str) else ",".join(sorted(targets or ()))
 
 
 def save_kohya_lora(path: Path, layers: dict[str, dict], alphas: dict[str, float], sdxl: bool, meta: dict) -> Path:

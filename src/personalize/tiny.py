@@ -63,9 +63,15 @@ def _write_clip_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def cache_dir() -> Path:
+    """Where files built once are kept (tokenizer files, the random real-size models): $PERSONALIZE_CACHE, else
+    ~/.cache/personalize."""
+    return Path(os.environ.get("PERSONALIZE_CACHE", Path.home() / ".cache" / "personalize"))
+
+
 def clip_tokenizer_dir() -> Path:
     """A folder holding the real CLIP tokenizer files, built once into the user's cache (atomically)."""
-    cache = Path(os.environ.get("PERSONALIZE_CACHE", Path.home() / ".cache" / "personalize"))
+    cache = cache_dir()
     folder = cache / "clip-tokenizer"
     if (folder / "tokenizer_config.json").exists():
         return folder

@@ -11,12 +11,16 @@ an exact analogue:
 | `background_leakage` | SingleInsert's CLIP-I-b                      | share of images whose background is the source's    |
 | `diversity`          | DIV (LPIPS) of Dis²Booth / DreamBooth        | mean pairwise cosine distance of judge features     |
 | `judge_frechet`      | FID of Dis²Booth                             | Fréchet distance of judge features, gen vs held-out |
+
+`foreground_mask` segments a toy-world image by its flat background colour: what SingleInsert's CLIP-I-f/-b and
+DINO-f/-b need for generated images, which have no renderer mask.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -66,3 +70,65 @@ def diversity(judge, images: Sequence[Image.Image]) -> float:
 
 def judge_frechet(judge, generated: Sequence[Image.Image], heldout: Sequence[Image.Image]) -> float:
     return float(fid(judge.features(generated), judge.features(heldout)))
+
+
+# -- masks of toy-world images ----------------------------------------------------------------------------------
+
+# Everything an object of the toy world is painted with (world._pattern_fill): its colour, stripes at 0.4 of it, and
+# white dots. A colour closer than MIN_CONTRAST to the background cannot be told from it (white dots on white).
+MIN_CONTRAST = 32.0
+
+
+def _object_colours() -> np.ndarray:
+    from ..toyworld.world import COLOURS
+
+    base = np.array(list(COLOURS.values()), dtype=np.float32)
+    return np.concatenate([base, 0.4 * base, np.full((1, 3), 255.0, dtype=np.float32)])
+
+
+def _background_colour(rgb: np.ndarray) -> np.ndarray:
+    """The world's background colour nearest to the median of the image's border (objects touch it at most)."""
+    from ..toyworld.world import BACKGROUNDS
+
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    palette = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
+    return palette[np.linalg.norm(palette - np.median(border, axis=0), axis=1).argmin()]
+
+
+def _reachable_from_border(allowed: np.ndarray) -> np.ndarray:
+    """The `allowed` pixels connected (4-neighbours) to the image border through `allowed` pixels."""
+    reached = np.zeros_like(allowed)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        reached[edge] = allowed[edge]
+    while True:
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= allowed
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown
+
+
+def foreground_mask(image: Image.Image) -> np.ndarray:
+    """bool [H, W]: the objects of a toy-world image, found from its flat background.
+
+    Each pixel is read as a blend bg + α·(c - bg) towards the object colour c it lies closest to (the line from
+    the background to c that passes nearest); it is foreground when α ≥ 0.45 — the renderer's own rule is
+    coverage ≥ 50 %, and 8-bit rounding puts exact half-covered pixels just below 0.5. Background-coloured pixels
+    enclosed by an object (its dots, a stripe) are foreground too: background is what connects to the border.
+
+    On rendered scenes this reproduces `world.render`'s mask away from the anti-aliased rim (where stripes and
+    the background blend three colours) except for white dots cut by the outline of a dotted object on white. On a
+    model's samples it is the same rule applied to a drawing: as exact as the drawing's background is flat.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    background = _background_colour(rgb)
+    towards = _object_colours() - background
+    towards = towards[np.linalg.norm(towards, axis=1) >= MIN_CONTRAST]
+    alpha = np.clip((rgb - background) @ towards.T / (towards**2).sum(axis=1), 0.0, 1.0)  # [H, W, K]
+    off_line = np.linalg.norm(rgb[..., None, :] - (background + alpha[..., None] * towards), axis=-1)
+    nearest = np.take_along_axis(alpha, off_line.argmin(axis=-1)[..., None], axis=-1)[..., 0]
+    return ~_reachable_from_border(nearest < 0.45)

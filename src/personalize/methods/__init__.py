@@ -1,6 +1,6 @@
 """Methods by name: `--method NAME` picks the class; each class names its config dataclass."""
 
-from .base import Batch, Method
+from .base import Batch, Concept, Method
 from .batex import Batex, BatexConfig
 from .dis2booth import Dis2Booth, Dis2BoothConfig
 from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig
@@ -10,6 +10,6 @@ from .textual_inversion import TextualInversion, TextualInversionConfig
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Batex, DreamBoothLora, Dis2Booth, SingleInsert)}
 
 __all__ = [
-    "METHODS", "Batch", "Method", "Batex", "BatexConfig", "Dis2Booth", "Dis2BoothConfig", "DreamBoothLora",
+    "METHODS", "Batch", "Concept", "Method", "Batex", "BatexConfig", "Dis2Booth", "Dis2BoothConfig", "DreamBoothLora",
     "DreamBoothLoraConfig", "SingleInsert", "SingleInsertConfig", "TextualInversion", "TextualInversionConfig",
 ]

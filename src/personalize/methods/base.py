@@ -2,8 +2,9 @@
 
 A method owns its trainable parts and its loss; the trainer owns data, optimisation, checkpoints and logging.
 Several parameter sets with their own schedules (Dis²Booth's anchor and delta steps) fit by naming parameter
-groups and saying, per step, which groups take a sub-step — the trainer keeps one optimiser per group and steps
-only that group's parameters.
+groups, each with its own optimiser, and saying per step which sub-steps run and which groups each sub-step
+updates: the trainer lets gradients reach only those groups and steps only their optimisers. A group's optimiser
+state is therefore shared by every sub-step that updates it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..losses import LossOptions
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept of a run: how prompts name it and where its vectors start (a dataset subset's, or the flags')."""
+
+    token: str
+    class_word: str | None = None
+    init_word: str | None = None
 
 
 @dataclass
@@ -25,6 +37,16 @@ class Batch:
     class_latents: torch.Tensor | None = None  # prior-preservation class images, when the method asks for them
     masks: torch.Tensor | None = None  # [B, 1, h, w] foreground masks at the latent grid, when the method needs them
     time_ids: torch.Tensor | None = None  # [B, 6] SDXL size/crop conditioning of each row (None: not SDXL)
+    flipped: torch.Tensor | None = None  # [B] bool: the row is the mirror of its image (flip augmentation)
+    options: LossOptions | None = None  # the run's noise offset, min-SNR, masked loss (losses.LossOptions)
+    class_indices: torch.Tensor | None = None  # [B'] which class image each prior-preservation row is
+    shard: tuple[int, int] = (0, 1)  # (this process, processes): per-row draws take the global batch's, keep their share
+
+    def draw_rows(self, draw, rows: int):
+        """A per-row random draw `draw(n)` made for the whole global batch (every process draws the same numbers
+        from the shared generator) and cut to this process's `rows` rows."""
+        rank, world = self.shard
+        return draw(rows * world)[rank * rows:(rank + 1) * rows]
 
 
 class Method(nn.Module):
@@ -35,6 +57,18 @@ class Method(nn.Module):
     default_steps: int = 1000
     default_lr: float = 1e-4
     needs_masks: bool = False  # the trainer loads a foreground mask per image (SingleInsert)
+    uses_images: bool = False  # the method receives the training pixels [N, 3, R, R] (SingleInsert's image encoder)
+    reads_caption_files: bool = False  # NAME.txt is the training prompt by default (DreamBooth); else only when asked
+    multi_concept: bool = True  # learns several concepts in one run (a --dataset file of subsets)
+    trains_text_side: bool = True  # gradients pass through the text encoder (else its prompt embeddings can be cached)
+    scales_lr: bool = True  # default of --scale-lr: the rate is per image (diffusers' convention), × batch × processes
+    loss_options: tuple[str, ...] = ("noise_offset", "snr_gamma", "masked")  # the LossOptions its loss honours
+
+    @classmethod
+    def prompt_subject(cls, settings: dict) -> str:
+        """How a prompt names the concept a run learned, from its resolved settings (config.yaml): the placeholder
+        alone for embeddings; methods trained on "<token> <class word>" override this."""
+        return settings.get("token") or "<concept>"
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group name; each group gets its own optimiser."""
@@ -49,9 +83,20 @@ class Method(nn.Module):
         (they still step together, on one loss)."""
         return [{"params": self.param_groups()[group], "lr": lr}]
 
+    def batch_size(self, group: str) -> int | None:
+        """Images per sub-step that updates `group` when --batch-size is not given (None: the trainer's 4)."""
+        return None
+
+    def begin_step(self, step: int) -> None:
+        """Called before the sub-steps of `step` (and before gradients are switched for them)."""
+
     def schedule(self, step: int) -> list[str]:
-        """Groups that take a sub-step at `step`, in order (one optimiser step each)."""
+        """Sub-steps at `step`, in order; each is one optimiser update of the groups `substep_groups` names."""
         return ["main"]
+
+    def substep_groups(self, substep: str) -> list[str]:
+        """Parameter groups a sub-step updates (default: the group of the same name)."""
+        return [substep]
 
     def loss(self, batch: Batch, group: str) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

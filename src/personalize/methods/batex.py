@@ -129,6 +129,7 @@ class Batex(TextualInversion):
         ids_per_vector = [torch.cat([i, i.new_full((size - len(i),), -1)]) for i in ids_per_vector]
         return SubspaceVectors(torch.stack(bases), torch.stack(ids_per_vector))
 
-    def save(self, output_dir: Path, step: int) -> list[Path]:
-        files = super().save(output_dir, step)
-        return files + [save_basis_sidecar(output_dir, self.sources, self.config)]
+    def save_concept(self, folder: Path, index: int, step: int) -> list[Path]:
+        files = super().save_concept(folder, index, step)
+        concept = self.concepts[index]
+        return files + [save_basis_sidecar(folder, self.sources[index], concept.token, concept.init_word, self.config)]

@@ -4,7 +4,12 @@
     eq. 7-9   ℓ_con   = 1/l Σ_k 1/(hw) Σ_i min_j (1 − |cos(f_i^c, f_j^k)|)     anchor feature vs anchor queue
     eq. 10-11 ℓ_delta = 1/l Σ_k D(F_d^c, F_d^k),  D = |cos| if |cos| ≥ m else 0   delta feature vs delta queue
     eq. 13-14 ℓ = ℓ_LDM + λ·ℓ_con + γ·ℓ_delta                     (λ = 1e-5, γ = 1e-6)
-    Alg. 1    per iteration: one anchor sub-step (ℓ_LDM + λ·ℓ_con), then k delta sub-steps (ℓ_LDM + γ·ℓ_delta), k = 5
+    Alg. 1    per iteration, 2·(1+k) updates (k = 5):
+                1. Anchor LoRA ← descend λ·ℓ_con                           (eq. 12; sub-step "contextual")
+                2. both LoRAs  ← descend ℓ_LDM                             (sub-step "ldm")
+                k times:
+                3. Delta LoRA  ← descend γ·ℓ_delta                         (sub-step "delta")
+                4. both LoRAs  ← descend ℓ_LDM                             (sub-step "ldm")
 
 There is no public code; every choice the paper leaves open is made here, and listed:
 
@@ -12,10 +17,21 @@ There is no public code; every choice the paper leaves open is made here, and li
    the Anchor adapter at weight 1 while the Delta adapter is zero. At the switch both adapters are set to the
    warm-up LoRA divided by (α+β), so α·ΔW_a + β·ΔW_d equals the warm-up LoRA exactly: the model's output does not
    jump. Disentanglement then comes from the two losses alone.
-2. Sub-steps update only their own adapter: the anchor sub-step descends ℓ_LDM + λ·ℓ_con w.r.t. the Anchor LoRA
-   only, the delta sub-step ℓ_LDM + γ·ℓ_delta w.r.t. the Delta LoRA only (the trainer switches requires_grad per
-   sub-step, after any peft call that could re-enable it). Algorithm 1's separate ℓ_LDM step on both adapters is
-   folded into these two, which keeps the per-iteration cost at 1 + k UNet passes.
+2. Schedule (`--schedule`). `algorithm1` (default) runs Algorithm 1 literally: every update is its own UNet
+   pass on a fresh batch, and a feature step descends λ·ℓ_con (or γ·ℓ_delta) alone. **Optimiser state**: one
+   AdamW per adapter, shared by every step that updates it — the anchor's by its feature steps and the ℓ_LDM
+   steps, the delta's likewise. The paper is silent; this is the reading under which λ and γ mean anything:
+   Adam divides each step by the running RMS of the gradients it has seen, so a feature step with an optimiser of
+   its own would move the weights by ~lr whatever λ is (λ = 1e-5 and λ = 1 alike), while in the shared state the
+   feature gradient λ·∇ℓ_con is measured against the ℓ_LDM gradients' RMS and its effect scales with λ
+   (tests/test_dis2booth.py shows both). A consequence stated plainly: a feature step also re-applies the shared
+   first moment (β1 times the last ℓ_LDM direction), as any shared-state Adam step does. The ablations remove
+   their feature steps (`--no-contextual-loss`: no step 1; `--no-delta-loss`: no step 3, the k ℓ_LDM steps stay).
+   `folded` is this project's first schedule, kept for comparison: 1 + k updates per iteration, an anchor
+   sub-step on ℓ_LDM + λ·ℓ_con (anchor only) then k delta sub-steps on ℓ_LDM + γ·ℓ_delta (delta only); with a
+   mean-reduced ℓ_LDM the feature terms are ~1e-5 of its gradient there, so its ablations equal the full method.
+   `--synchronous` (the paper's ablation): one update of both adapters on ℓ_LDM + λ·ℓ_con + γ·ℓ_delta.
+   `updates_per_run` counts optimiser updates so that baselines can be compared at equal updates.
 3. Features. A module's "feature" is the output of its LoRA branch (B·A·x, before scaling) at the self-attention
    output projections (`attn1.to_out.0`) of the blocks named by `--feature-blocks` (default: the mid block, the
    lowest resolution, where features are most semantic and cheapest). Tokens are spatial positions; maps are
@@ -52,15 +68,18 @@ class Dis2BoothConfig(DreamBoothLoraConfig):
     delta_weight: float = field(default=0.5, metadata={"help": "β of eq. 4"})
     warmup_steps: int = field(default=200, metadata={"help": "steps of single-LoRA fine-tuning before the split"})
     delta_steps: int = field(default=5, metadata={"help": "k: delta sub-steps per anchor sub-step (Algorithm 1)"})
+    schedule: str = field(default="algorithm1", metadata={
+        "help": "algorithm1: Algorithm 1 as written, 2(1+k) updates per iteration (feature steps alone, Adam state shared "
+                "per adapter); folded: 1+k updates, the feature losses added to ℓ_LDM", "choices": ["algorithm1", "folded"]})
     contextual_loss_weight: float = field(default=1e-5, metadata={"help": "λ of eq. 14"})
     delta_loss_weight: float = field(default=1e-6, metadata={"help": "γ of eq. 14"})
     delta_margin: float = field(default=0.5, metadata={"help": "m of eq. 10"})
     queue_length: int = field(default=16, metadata={"help": "l: features kept in each queue"})
     feature_blocks: list[str] = field(default_factory=lambda: ["mid_block"], metadata={"help": "UNet blocks whose attn1.to_out.0 LoRA outputs are the features"})
     max_feature_positions: int = field(default=256, metadata={"help": "pool feature maps to at most this many positions"})
-    contextual_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_con"})
-    delta_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_delta"})
-    synchronous: bool = field(default=False, metadata={"help": "ablation: one sub-step updating both adapters with ℓ_LDM + λℓ_con + γℓ_delta"})
+    contextual_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_con (off: no contextual step)"})
+    delta_loss: bool = field(default=True, metadata={"help": "ablation switch for ℓ_delta (off: no delta steps)"})
+    synchronous: bool = field(default=False, metadata={"help": "ablation: one update of both adapters with ℓ_LDM + λℓ_con + γℓ_delta"})
 
 
 def contextual_loss(current: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
@@ -108,12 +127,12 @@ class Dis2Booth(DreamBoothLora):
     default_lr = 1e-4
     adapters = ("anchor", "delta")
 
-    def __init__(self, config: Dis2BoothConfig, backbone, captions=None, images=None):
+    def __init__(self, config: Dis2BoothConfig, backbone, captions=None, images=None, **data):
         if config.train_text_encoder:
             raise PersonalizeError("dis2booth trains UNet LoRA only (the paper keeps the text encoders frozen)")
         if config.anchor_weight + config.delta_weight <= 0:
             raise PersonalizeError("--anchor-weight + --delta-weight must be positive")
-        super().__init__(config, backbone, captions, images)
+        super().__init__(config, backbone, captions, images, **data)
         self.unet = backbone.unet
         self.register_buffer("split_done", torch.zeros(()))  # checkpointed through extra_state
         self.queues: dict[str, FeatureQueue] = {}  # "anchor_0", "delta_0", ...: one per adapter and hooked module
@@ -141,17 +160,39 @@ class Dis2Booth(DreamBoothLora):
         return [p for k, p in self.lora_params.items() if k.startswith(f"{adapter}__")]
 
     def param_groups(self):
-        groups = {"warmup": self._group_params("anchor"), "anchor": self._group_params("anchor"), "delta": self._group_params("delta")}
-        if self.config.synchronous:
-            groups["both"] = self._group_params("anchor") + self._group_params("delta")
-        return groups
+        """One optimiser per adapter; the warm-up LoRA is the anchor adapter, so its state carries on."""
+        return {"anchor": self._group_params("anchor"), "delta": self._group_params("delta")}
+
+    SUBSTEP_GROUPS = {"warmup": ["anchor"], "contextual": ["anchor"], "delta": ["delta"], "ldm": ["anchor", "delta"],
+                      "anchor+ldm": ["anchor"], "delta+ldm": ["delta"], "both": ["anchor", "delta"]}
+
+    @staticmethod
+    def substeps(config: Dis2BoothConfig, step: int) -> list[str]:
+        """The updates of iteration `step` (a function of the config alone, so a bench can count them)."""
+        if step < config.warmup_steps:
+            return ["warmup"]
+        if config.synchronous:
+            return ["both"]
+        if config.schedule == "folded":
+            return ["anchor+ldm"] + ["delta+ldm"] * config.delta_steps
+        anchor = (["contextual"] if config.contextual_loss else []) + ["ldm"]
+        return anchor + ((["delta"] if config.delta_loss else []) + ["ldm"]) * config.delta_steps
+
+    @classmethod
+    def updates_per_run(cls, config: Dis2BoothConfig, steps: int) -> int:
+        return sum(len(cls.substeps(config, s)) for s in range(steps))
 
     def schedule(self, step: int) -> list[str]:
-        if step < self.config.warmup_steps:
-            return ["warmup"]
-        if self.config.synchronous:
-            return ["both"]
-        return ["anchor"] + ["delta"] * self.config.delta_steps
+        return self.substeps(self.config, step)
+
+    def substep_groups(self, substep: str) -> list[str]:
+        return self.SUBSTEP_GROUPS[substep]
+
+    def begin_step(self, step: int) -> None:
+        # The split calls peft's set_adapters, which switches every active adapter's gradients back on: it runs
+        # here, before the trainer switches them for the step's first sub-step, never inside a loss.
+        if step >= self.config.warmup_steps and not self.split_done.item():
+            self._split()
 
     # -- features ----------------------------------------------------------------------------------------------
     def _hook_feature_modules(self) -> None:
@@ -186,28 +227,28 @@ class Dis2Booth(DreamBoothLora):
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.split_done.device)
 
     # -- loss --------------------------------------------------------------------------------------------------
-    def loss(self, batch: Batch, group: str):
-        if group != "warmup" and not self.split_done.item():
-            self._split()
+    def loss(self, batch: Batch, substep: str):
+        """The loss of one sub-step (see `substeps`): ℓ_LDM, a feature loss alone, or their sum (folded, both)."""
+        cfg = self.config
+        feature_terms = {"contextual": ["anchor"], "delta": ["delta"], "anchor+ldm": ["anchor"] * cfg.contextual_loss,
+                         "delta+ldm": ["delta"] * cfg.delta_loss,
+                         "both": ["anchor"] * cfg.contextual_loss + ["delta"] * cfg.delta_loss}.get(substep, [])
         self._features = {a: [] for a in self.adapters}
-        self.training_features = group != "warmup"
+        self.training_features = bool(feature_terms)
         try:
-            ldm, _ = self.ldm_loss(batch)
+            ldm, step = self.ldm_loss(batch)
         finally:
             self.training_features = False
-        if group == "warmup":
+        if substep == "warmup":
             return ldm, {"loss": ldm.item()}
-        n, cfg = len(batch.latents), self.config
+        uses_ldm = substep not in ("contextual", "delta")
+        total = ldm if uses_ldm else torch.zeros((), device=ldm.device)
         logs = {"ldm": ldm.item()}
-        total = ldm
-        if group in ("anchor", "both") and cfg.contextual_loss:
-            con = self._feature_losses("anchor", n)
-            total = total + cfg.contextual_loss_weight * con
-            logs["con"] = con.item()
-        if group in ("delta", "both") and cfg.delta_loss:
-            dl = self._feature_losses("delta", n)
-            total = total + cfg.delta_loss_weight * dl
-            logs["delta"] = dl.item()
+        for adapter in feature_terms:
+            weight = cfg.contextual_loss_weight if adapter == "anchor" else cfg.delta_loss_weight
+            value = self._feature_losses(adapter, len(batch.latents))
+            total = total + weight * value  # eq. 14's λ, γ: a feature step alone descends λ·ℓ_con (eq. 12)
+            logs["con" if adapter == "anchor" else "delta"] = value.item()
         return total, logs
 
     # -- checkpoint state beyond parameters ---------------------------------------------------------------------

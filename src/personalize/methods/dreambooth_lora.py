@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import PersonalizeError
-from ..losses import denoise
-from ..lora import TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora, save_diffusers_lora, save_kohya_lora
-from .base import Batch, Method
+from ..losses import denoise, per_sample_loss
+from ..lora import TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora, kohya_metadata, save_diffusers_lora, save_kohya_lora
+from .base import Batch, Concept, Method
 
 
 @dataclass
@@ -53,11 +52,24 @@ class DreamBoothLora(Method):
     default_steps = 500
     default_lr = 1e-4
     adapters: tuple[str, ...] = ("default",)
+    reads_caption_files = True
 
-    def __init__(self, config: DreamBoothLoraConfig, backbone, captions: list[str | None] | None = None, images=None):
+    @property
+    def trains_text_side(self) -> bool:
+        return self.config.train_text_encoder
+
+    @classmethod
+    def prompt_subject(cls, settings: dict) -> str:
+        return f"{settings.get('token') or 'sks'} {settings['class_word']}"  # "a photo of sks dog": token + class
+
+    def __init__(self, config: DreamBoothLoraConfig, backbone, captions: list[str | None] | None = None, images=None,
+                 concepts: list[Concept] | None = None, image_concepts: list[int] | None = None,
+                 class_concepts: list[int] | None = None):
         super().__init__()
-        if not config.class_word or len(config.class_word.split()) != 1:
-            raise PersonalizeError("--class-word is required: one word for what the images show, e.g. --class-word dog")
+        self.concepts = concepts or [Concept(config.token, config.class_word)]
+        if any(not c.class_word or len(c.class_word.split()) != 1 for c in self.concepts):
+            raise PersonalizeError("--class-word is required: one word for what the images show, e.g. --class-word dog "
+                                   "(in a --dataset file: class_word of every subset, or --class-word for all)")
         self.config, self.backbone = config, backbone
         self.lora_params = torch.nn.ParameterDict()
         for adapter in self.adapters:
@@ -65,9 +77,13 @@ class DreamBoothLora(Method):
             if config.train_text_encoder:
                 for i, encoder in enumerate(backbone.text_encoders):
                     self._register(adapter, f"text_encoder{'_2' if i else ''}", add_lora(encoder, adapter, config.rank, config.lora_alpha, TEXT_TARGETS))
-        prompts = [c or config.resolved(config.instance_prompt) for c in (captions or [None])]
-        self.instance_ids = backbone.tokenize(prompts)  # one row per training image (captions differ)
-        self.class_ids = backbone.tokenize([config.resolved(config.class_prompt)])
+        # One prompt per training image (its caption, or the instance prompt of its concept), one per class image.
+        image_concepts = image_concepts or [0] * len(captions or [None])
+        captions = captions or [None] * len(image_concepts)
+        prompts = [c or self.resolved(config.instance_prompt, self.concepts[k]) for c, k in zip(captions, image_concepts)]
+        self.instance_ids = backbone.tokenize(prompts)
+        class_concepts = class_concepts or [0]
+        self.class_ids = backbone.tokenize([self.resolved(config.class_prompt, self.concepts[k]) for k in class_concepts])
 
     def _register(self, adapter: str, component: str, params: list[torch.nn.Parameter]) -> None:
         for i, p in enumerate(params):  # held here too so checkpoints and optimisers find them by group
@@ -83,36 +99,59 @@ class DreamBoothLora(Method):
     def param_groups(self):
         return {"main": list(self.lora_params.values())}
 
+    @staticmethod
+    def resolved(template: str, concept: Concept) -> str:
+        return template.format(token=concept.token, class_word=concept.class_word)
+
+    def class_prompt_ids(self, batch: Batch) -> list[torch.Tensor]:
+        """The class prompt of each prior-preservation row (its class image's concept)."""
+        n = len(batch.class_latents)
+        if batch.class_indices is None or len(self.class_ids[0]) == 1:
+            return [c[:1].expand(n, -1) for c in self.class_ids]
+        return [c[batch.class_indices.cpu()] for c in self.class_ids]
+
     def prompt_ids(self, batch: Batch) -> list[torch.Tensor]:
-        rows = batch.image_indices.clamp(max=len(self.instance_ids[0]) - 1)
+        rows = batch.image_indices.clamp(max=len(self.instance_ids[0]) - 1).cpu()
         ids = [i[rows] for i in self.instance_ids]
         if batch.class_latents is not None:
-            ids = [torch.cat([i, c.expand(len(batch.class_latents), -1)]) for i, c in zip(ids, self.class_ids)]
+            ids = [torch.cat([i, c]) for i, c in zip(ids, self.class_prompt_ids(batch))]
         return ids
 
     def ldm_loss(self, batch: Batch):
         """DreamBooth's loss: instance MSE (+ λ_prior · class MSE), and the denoising step for feature losses."""
         latents, time_ids = batch.latents, batch.time_ids
+        if batch.class_latents is not None and batch.class_latents.shape[-2:] != latents.shape[-2:]:
+            return self._separate_prior_loss(batch)
         if batch.class_latents is not None:
             latents = torch.cat([batch.latents, batch.class_latents])
             if time_ids is not None:  # generated class images: square, uncropped
                 size = latents.shape[-1] * self.backbone.vae_scale
                 time_ids = torch.cat([time_ids, self.backbone.default_time_ids(len(batch.class_latents), size).to(time_ids)])
-        step = denoise(self.backbone, latents, self.prompt_ids(batch), batch.generator, time_ids)
+        step = denoise(self.backbone, latents, self.prompt_ids(batch), batch.generator, time_ids, batch.options, batch.shard)
         n = len(batch.latents)
-        pred, target = step.prediction.float(), step.target.float()
-        loss = F.mse_loss(pred[:n], target[:n])
+        rows = per_sample_loss(step, batch.options, batch.masks)  # masks cover the instance rows only
+        loss = rows[:n].mean()
         if batch.class_latents is not None:
-            loss = loss + self.config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+            loss = loss + self.config.prior_loss_weight * rows[n:].mean()
         return loss, step
+
+    def _separate_prior_loss(self, batch: Batch):
+        """An aspect-ratio bucket other than the (square) class images' size: two passes instead of one batch."""
+        instance = Batch(batch.latents, batch.image_indices, batch.generator, None, batch.masks, batch.time_ids,
+                         batch.flipped, batch.options, shard=batch.shard)
+        loss, step = self.ldm_loss(instance)
+        square = self.backbone.default_time_ids(len(batch.class_latents), batch.class_latents.shape[-1] * self.backbone.vae_scale)
+        prior = denoise(self.backbone, batch.class_latents, self.class_prompt_ids(batch), batch.generator,
+                        square if batch.time_ids is not None else None, batch.options, batch.shard)
+        return loss + self.config.prior_loss_weight * per_sample_loss(prior, batch.options).mean(), step
 
     def loss(self, batch: Batch, group: str):
         loss, _ = self.ldm_loss(batch)
         return loss, {"loss": loss.item()}
 
     def validation_prompts(self) -> list[str]:
-        subject = f"{self.config.token} {self.config.class_word}"
-        return [f"a photo of {subject}", f"a photo of {subject} on the beach"]
+        subjects = dict.fromkeys(f"{c.token} {c.class_word}" for c in self.concepts)
+        return [prompt for s in subjects for prompt in (f"a photo of {s}", f"a photo of {s} on the beach")]
 
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, output_dir: Path, step: int) -> list[Path]:
@@ -137,9 +176,18 @@ def save_lora_files(backbone, output_dir: Path, layers, meta, alphas, *, step: i
     """The diffusers file and the kohya file of one LoRA."""
     output_dir = Path(output_dir)
     diffusers_file = save_diffusers_lora(type(backbone.pipe), output_dir, layers, meta)
-    kohya = save_kohya_lora(
-        output_dir / f"{kohya_name or stem}.kohya.safetensors", layers, alphas, backbone.is_sdxl,
-        {"ss_network_module": "networks.lora", "ss_network_dim": next(iter(meta.values()))["r"], "ss_steps": step,
-         "ss_base_model": backbone.name},
-    )
+    kohya_meta = kohya_metadata(backbone, meta, alphas, step=step, resolution=trained_resolution(backbone, output_dir))
+    kohya = save_kohya_lora(output_dir / f"{kohya_name or stem}.kohya.safetensors", layers, alphas, backbone.is_sdxl, kohya_meta)
     return [diffusers_file, kohya]
+
+
+def trained_resolution(backbone, output_dir: Path) -> int:
+    """The run's --resolution, from its config.yaml (beside the files, or one folder up for Dis²Booth's anchor/ and
+    delta/); without one, the model's native size, which is what the trainer uses when none is given."""
+    from ..generate import run_settings
+
+    for folder in (output_dir, output_dir.parent):
+        settings = run_settings(folder)
+        if settings:
+            return settings.get("resolution") or backbone.default_resolution
+    return backbone.default_resolution

@@ -52,9 +52,12 @@ class SingleInsertConfig:
     masks: str | None = field(default=None, metadata={"help": "folder of masks named like the images (default: NAME.mask.png beside each image)"})
     encoder: str = field(default="cnn", metadata={"help": "image encoder E_i", "choices": ["cnn", "clip-vit"]})
     encoder_weights: str | None = field(default=None, metadata={"help": "CLIP vision tower (folder or hub id) for --encoder clip-vit"})
-    stage1_steps: int = field(default=50, metadata={"help": "Stage I iterations (encoder only)"})
-    stage2_steps: int = field(default=100, metadata={"help": "Stage II iterations (encoder + LoRA); 0 = Stage I only"})
-    stage2_lr: float | None = field(default=None, metadata={"help": "Stage II learning rate (default: half of --lr, as 5e-5 vs 1e-4)"})
+    stage1_steps: int = field(default=50, metadata={"help": "Stage I iterations (encoder only; the paper: 50)"})
+    stage2_steps: int = field(default=100, metadata={"help": "Stage II iterations (encoder + LoRA; the paper: 100); 0 = Stage I only"})
+    stage1_batch_size: int = field(default=16, metadata={"help": "Stage I batch (the paper: 16; --batch-size overrides both stages)"})
+    stage2_batch_size: int = field(default=4, metadata={"help": "Stage II batch (the paper: 4; --batch-size overrides both stages)"})
+    stage2_lr: float | None = field(default=None, metadata={"help": "Stage II learning rate (default: half of --lr: the paper's "
+                                                                  "5e-5 after Stage I's 1e-4; never scaled by batch size unless --scale-lr)"})
     rank: int = field(default=4, metadata={"help": "LoRA rank of Stage II"})
     fg_loss: bool = field(default=True, metadata={"help": "ablation switch: L_fg (off: plain reconstruction loss on the whole image)"})
     bg_weight: float = field(default=1.0, metadata={"help": "γ of eq. 5 and 7 (0 disables L_bg)"})
@@ -163,10 +166,18 @@ def lora_disabled(*models):
 class SingleInsert(Method):
     name = "singleinsert"
     config_class = SingleInsertConfig
-    default_lr = 1e-4
+    default_lr = 1e-4  # Section 4: Stage I at 1e-4, Stage II at 5e-5, as absolute rates
+    scales_lr = False
     needs_masks = True
+    uses_images = True
+    multi_concept = False  # one image, one concept: the paper's setting (train concepts apart, compose at generation)
+    loss_options = ("noise_offset",)  # its losses are masked by design and live in x0 space: no min-SNR, no --masked-loss
 
-    def __init__(self, config: SingleInsertConfig, backbone, captions=None, images=None):
+    @classmethod
+    def prompt_subject(cls, settings: dict) -> str:
+        return f"{settings.get('token') or '<concept>'} {settings['class_word']}"  # trained on "<concept> class"
+
+    def __init__(self, config: SingleInsertConfig, backbone, captions=None, images=None, **data):
         super().__init__()
         if not config.class_word or len(config.class_word.split()) != 1:
             raise PersonalizeError("--class-word is required: one word for the concept's class, e.g. --class-word face")
@@ -209,7 +220,10 @@ class SingleInsert(Method):
         return groups
 
     def learning_rates(self, lr: float) -> dict[str, float]:
-        return {"stage2": self.config.stage2_lr or lr / 2}
+        return {"stage2": lr / 2 if self.config.stage2_lr is None else self.config.stage2_lr}
+
+    def batch_size(self, group: str) -> int:
+        return self.config.stage1_batch_size if group == "stage1" else self.config.stage2_batch_size
 
     def schedule(self, step: int) -> list[str]:
         return ["stage1"] if step < self.config.stage1_steps or self.config.stage2_steps == 0 else ["stage2"]
@@ -226,12 +240,22 @@ class SingleInsert(Method):
         embeds, pooled = self.backbone.encode_prompt(ids)
         return self.backbone.predict_x0(noisy, self.backbone.unet_forward(noisy, t, embeds, pooled, time_ids).float(), t)
 
+    def encoder_inputs(self, batch: Batch) -> torch.Tensor:
+        """The image each row reconstructs, mirrored where the row is a mirror: E_i must predict the vector of the
+        picture the loss compares with (a deliberate choice; feeding the unflipped source to a flipped target
+        would train the vector to stand for both orientations, an augmentation the paper does not describe)."""
+        images = self.images[batch.image_indices.to(self.images.device)]
+        if batch.flipped is None:
+            return images
+        return torch.where(batch.flipped.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+
     def loss(self, batch: Batch, group: str):
         cfg, b = self.config, len(batch.latents)
         x0, mask = batch.latents, batch.masks
-        noise, t = sample_noise(x0, self.backbone.noise_scheduler.config.num_train_timesteps, batch.generator)
+        offset = batch.options.noise_offset if batch.options else 0.0
+        noise, t = sample_noise(x0, self.backbone.noise_scheduler.config.num_train_timesteps, batch.generator, offset, batch.shard)
         noisy = self.backbone.add_noise(x0, noise, t)
-        vectors = self.image_encoder(self.images[batch.image_indices.to(self.images.device)])
+        vectors = self.image_encoder(self.encoder_inputs(batch))
         for source, v in zip(self.sources, vectors):  # rows: b concept prompts, then b class prompts
             source.current = torch.cat([v, v])
         try:

@@ -15,6 +15,10 @@ TI+LoRA (`--lora-rank r`, the "TI+DB" baseline of SingleInsert's tables, pivotal
 UNet's attention (to_q/k/v/out) trains jointly with the vectors, on the same loss and in the same optimiser step,
 at its own rate (`--lora-lr`; default the vectors' rate / 5, the ratio of DreamBooth-LoRA's 1e-4 to TI's 5e-4).
 The run then writes the embedding files and the diffusers and kohya LoRA files; `generate` loads both from the folder.
+
+Several concepts in one run (a `--dataset` file of subsets): one placeholder per concept, each with its own init
+word; a training row is conditioned on its own image's concept (the templates with that token, or the subset's
+caption), and each concept's files are written to `OUTPUT/concepts/<name>/` exactly as a run of its own writes them.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from torch import nn
 
 from ..concepts import FreeVectors, add_placeholder_tokens, concept_embedding, expand_prompt
 from ..errors import PersonalizeError
-from ..export import save_embeddings
+from ..export import CONCEPTS_DIR, save_embeddings
 from ..lora import UNET_TARGETS, add_lora
 from ..losses import denoise, diffusion_loss
-from .base import Batch, Method
+from .base import Batch, Concept, Method
 from .dreambooth_lora import adapter_layers, save_lora_files
 
 OBJECT_TEMPLATES = [
@@ -76,32 +80,57 @@ class TextualInversion(Method):
     default_steps = 3000
     default_lr = 5e-4
 
-    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None, images=None):
+    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None, images=None,
+                 concepts: list[Concept] | None = None, image_concepts: list[int] | None = None, class_concepts=None):
         super().__init__()
-        if not config.init_word:
-            raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat")
+        self.concepts = concepts or [Concept(config.token, None, config.init_word)]
+        if any(not c.init_word for c in self.concepts):
+            raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat "
+                                   "(in a --dataset file: init_word of every subset, or --init-word for all)")
         if config.num_vectors < 1:
             raise PersonalizeError("--num-vectors must be at least 1")
         if config.lora_rank < 0:
             raise PersonalizeError("--lora-rank must be 0 (no LoRA) or a positive rank")
         self.config, self.backbone = config, backbone
-        self.sources = nn.ModuleList()
-        for tokenizer, encoder in zip(backbone.tokenizers, backbone.text_encoders):
-            init_ids = self._init_ids(tokenizer)
-            first_id = add_placeholder_tokens(tokenizer, config.token, config.num_vectors)[0]
-            source = self.make_source(init_ids, encoder.get_input_embeddings().weight.detach(), tokenizer)
-            concept_embedding(encoder).add(config.token, first_id, source)
-            self.sources.append(source)
-        templates = TEMPLATES[config.templates]
-        self.prompts = [expand_prompt(t.format(config.token), config.token, config.num_vectors) for t in templates]
-        self.prompt_ids = backbone.tokenize(self.prompts)  # tokenised once: the step samples rows
+        self.sources = nn.ModuleList()  # [concept][text encoder]
+        for concept in self.concepts:
+            per_encoder = nn.ModuleList()
+            for tokenizer, encoder in zip(backbone.tokenizers, backbone.text_encoders):
+                init_ids = self._init_ids(tokenizer, concept.init_word)
+                first_id = add_placeholder_tokens(tokenizer, concept.token, config.num_vectors)[0]
+                source = self.make_source(init_ids, encoder.get_input_embeddings().weight.detach(), tokenizer)
+                concept_embedding(encoder).add(concept.token, first_id, source)
+                per_encoder.append(source)
+            self.sources.append(per_encoder)
+        self._tokenize_prompts(captions, image_concepts)
         self.lora = nn.ParameterList()
         if config.lora_rank:  # TI+LoRA (module docstring)
             self.lora.extend(add_lora(backbone.unet, "default", config.lora_rank, None, UNET_TARGETS))
 
-    def _init_ids(self, tokenizer) -> list[int]:
+    def _tokenize_prompts(self, captions, image_concepts) -> None:
+        """Each image's prompt choices (its concept's templates, or its caption), tokenised once: a step picks rows.
+
+        With one concept and no captions every image shares the templates, and a row's draw is exactly what it was
+        before several concepts existed (runs stay reproducible)."""
+        n_images = len(captions or image_concepts or [None])
+        image_concepts = image_concepts or [0] * n_images
+        captions = captions or [None] * n_images
+        templates = TEMPLATES[self.config.templates]
+        prompts, choices = {}, []
+        for image, concept_index in enumerate(image_concepts):
+            token = self.concepts[concept_index].token
+            texts = [captions[image]] if captions[image] else [t.format(token) for t in templates]
+            texts = [expand_prompt(text, token, self.config.num_vectors) for text in texts]
+            choices.append([prompts.setdefault(text, len(prompts)) for text in texts])
+        self.prompts = list(prompts)
+        self.prompt_ids = self.backbone.tokenize(self.prompts)
+        self.max_choices = max(len(c) for c in choices)
+        padded = [[c[i % len(c)] for i in range(self.max_choices)] for c in choices]
+        self.register_buffer("prompt_choices", torch.tensor(padded), persistent=False)  # [images, choices]
+
+    def _init_ids(self, tokenizer, word: str) -> list[int]:
         """The init word's token id for each vector (see the module docstring for the multi-token rule)."""
-        word, n = self.config.init_word, self.config.num_vectors
+        n = self.config.num_vectors
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if not ids or word.strip() == "":
             raise PersonalizeError(f"--init-word {word!r} is not a word the tokenizer knows")
@@ -122,28 +151,50 @@ class TextualInversion(Method):
     def param_groups(self):
         return {"main": list(self.sources.parameters()) + list(self.lora)}
 
+    @classmethod
+    def prompt_subject(cls, settings: dict) -> str:
+        return settings.get("token") or "<concept>"
+
     def optimizer_groups(self, group: str, lr: float) -> list[dict]:
         vectors = [{"params": list(self.sources.parameters()), "lr": lr}]
-        return vectors + ([{"params": list(self.lora), "lr": self.config.lora_lr or lr / 5}] if len(self.lora) else [])
+        return vectors + ([{"params": list(self.lora), "lr": lr / 5 if self.config.lora_lr is None else self.config.lora_lr}] if len(self.lora) else [])
 
     def loss(self, batch: Batch, group: str):
-        rows = torch.randint(0, len(self.prompts), (batch.latents.shape[0],), generator=batch.generator)
-        step = denoise(self.backbone, batch.latents, [ids[rows] for ids in self.prompt_ids], batch.generator, batch.time_ids)
-        loss = diffusion_loss(step)
+        picks = batch.draw_rows(lambda n: torch.randint(0, self.max_choices, (n,), generator=batch.generator), len(batch.latents))
+        images = batch.image_indices.to(self.prompt_choices.device).clamp(max=len(self.prompt_choices) - 1)  # built without captions: one shared row
+        rows = self.prompt_choices[images, picks.to(self.prompt_choices.device)].cpu()
+        step = denoise(self.backbone, batch.latents, [ids[rows] for ids in self.prompt_ids], batch.generator, batch.time_ids,
+                       batch.options, batch.shard)
+        loss = diffusion_loss(step, batch.options, batch.masks)
         return loss, {"loss": loss.item()}
 
     def validation_prompts(self) -> list[str]:
-        token = self.config.token
-        if self.config.templates == "style":
-            return [f"a painting in the style of {token}", f"a cat in the style of {token}"]
-        return [f"a photo of {token}", f"a photo of {token} on the beach"]
+        prompts = []
+        for concept in self.concepts:
+            token = concept.token
+            if self.config.templates == "style":
+                prompts += [f"a painting in the style of {token}", f"a cat in the style of {token}"]
+            else:
+                prompts += [f"a photo of {token}", f"a photo of {token} on the beach"]
+        return prompts
 
-    def vectors(self) -> list[torch.Tensor]:
-        """The learned vectors, one `[n, d]` tensor per text encoder."""
-        return [source().detach().float().cpu().clone() for source in self.sources]
+    def vectors(self, concept: int = 0) -> list[torch.Tensor]:
+        """A concept's learned vectors, one `[n, d]` tensor per text encoder."""
+        return [source().detach().float().cpu().clone() for source in self.sources[concept]]
+
+    def concept_folders(self, output_dir: Path) -> list[Path]:
+        """Where each concept's files go: the run folder itself for one concept, else OUTPUT/concepts/<name>/."""
+        if len(self.concepts) == 1:
+            return [Path(output_dir)]
+        return [Path(output_dir) / CONCEPTS_DIR / (c.token.strip("<>") or f"concept{i}") for i, c in enumerate(self.concepts)]
+
+    def save_concept(self, folder: Path, index: int, step: int) -> list[Path]:
+        return save_embeddings(folder, self.concepts[index].token, self.vectors(index), step=step, model_name=self.backbone.name)
 
     def save(self, output_dir: Path, step: int) -> list[Path]:
-        files = save_embeddings(output_dir, self.config.token, self.vectors(), step=step, model_name=self.backbone.name)
+        files = []
+        for index, folder in enumerate(self.concept_folders(output_dir)):
+            files += self.save_concept(folder, index, step)
         if len(self.lora):
             files += save_lora_files(self.backbone, output_dir, *adapter_layers({"unet": self.backbone.unet}), step=step,
                                      stem=files[0].stem, kohya_name=self.config.token.strip("<>") or "concept")

@@ -20,8 +20,8 @@ Suites (each a table in the report; rows are methods, figures mean ± std over c
   concept on another background), text alignment (background swaps obeyed) and edit keeps concept (obeyed with the
   concept drawn), diversity, toy ESR.
 - `distribution` (Dis²Booth): a varied category (30 reference renders sharing one trait, the rest random);
-  DreamBooth-LoRA (at the same steps, and at as many optimizer updates as Dis²Booth's 1 anchor + k delta sub-steps
-  make) vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
+  DreamBooth-LoRA (at the same steps, and at as many optimizer updates as Dis²Booth's schedule makes,
+  `Dis2Booth.updates_per_run`) vs Dis²Booth and its ablation (no contextual loss / no delta loss / synchronous). Judge-feature
   Fréchet distance to 128 held-out renders of the category, diversity, share keeping the common trait; floor row:
   as many fresh real renders as generated images (Fréchet distances are only comparable at the same N).
 
@@ -69,8 +69,8 @@ class BenchConfig:
     steps: int | None = field(default=None, metadata={"help": "training steps of every run (default: each suite's)"})
     samples: int = field(default=16, metadata={"help": "images of the plain prompt per run"})
     edit_samples: int = field(default=4, metadata={"help": "images per editing prompt"})
-    inference_steps: int = field(default=25, metadata={"help": "sampler steps"})
-    guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance"})
+    inference_steps: int | None = field(default=None, metadata={"help": "sampler steps (default: the toy model's recommended)"})
+    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: the toy model's recommended)"})
     keep_runs: bool = field(default=False, metadata={"help": "keep every run's folder under OUTPUT/runs"})
     methods: list[str] = field(default_factory=list, metadata={"help": "only the trained rows with these labels (as in bench.md); default all"})
 
@@ -106,11 +106,18 @@ def train_run(out: Path, method: str, method_cfg, images: Path, steps: int, seed
 
     cfg = TrainConfig(method=method, model="toy", images=str(images), output=str(out), steps=steps, seed=seed, lr=lr,
                       batch_size=batch_size, validation_steps=max(1, steps // 5), validation_prompts=[f"a {subject}"],
-                      num_validation_images=previews, inference_steps=25, guidance=4.0, checkpointing_steps=10**9,
+                      num_validation_images=previews, checkpointing_steps=10**9,
                       overwrite=True)
     start = time.monotonic()
     train(cfg, method_cfg)
     return time.monotonic() - start
+
+
+def subject_of(method: str, method_cfg) -> str:
+    """How prompts name what a run of `method` learns (the method says: `Method.prompt_subject`)."""
+    from ..methods import METHODS
+
+    return METHODS[method].prompt_subject(asdict(method_cfg))
 
 
 def preview_curve(out: Path, judge, traits: dict[str, str], tile: int = 32) -> dict[int, float]:
@@ -208,7 +215,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
     from ..methods import BatexConfig, TextualInversionConfig
 
     sample, rows = Sampler(cfg), []
-    steps = cfg.steps or 300
+    steps = 300 if cfg.steps is None else cfg.steps
     dim = _toy().embedding_dims[0]
     for concept in HELD_OUT[: cfg.concepts]:
         traits, name = concept_traits(concept), "-".join(concept)
@@ -241,16 +248,39 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
 
 
 def suite_base_model(cfg: BenchConfig, judge, work: Path) -> list[dict]:
-    from .world import describe
+    """How faithfully the toy model draws what a caption says (the gates of toy world 2)."""
+    from .judge import pair_shows
+    from .world import describe, random_pair
 
     sample, rows, rng = Sampler(cfg), [], random.Random(7)
-    scenes = [random_scene(rng) for _ in range(cfg.samples * 4)]
     backbone = _toy()
+    scenes = [random_scene(rng) for _ in range(cfg.samples * 4)]
     readings = [judge.predict(sample(backbone, describe(s), 1))[0] for s in scenes]
-    row = {"suite": "base-model", "method": f"{len(scenes)} random scenes, full caption", "concept": "all", "seed": 0}
-    for attribute in ("shape", "colour", "pattern", "background", "size"):
+    row = {"suite": "base-model", "method": f"{len(scenes)} random one-object scenes, full caption", "concept": "all", "seed": 0}
+    for attribute in ("shape", "colour", "pattern", "background", "size", "position"):
         row[attribute] = sum(r[attribute] == getattr(s, attribute) for r, s in zip(readings, scenes)) / len(scenes)
+    row["one_object"] = sum(r["objects"] == "one" for r in readings) / len(scenes)
     rows.append(row)
+
+    pairs = [random_pair(rng) for _ in range(cfg.samples * 4)]
+    for form, prompt_of in (("on the left and on the right, full caption", describe),
+                            ("next to, colour and shape", lambda p: f"a {p.colour} {p.shape} next to a {p.second.colour} {p.second.shape}")):
+        readings = [judge.predict(sample(backbone, prompt_of(p), 1))[0] for p in pairs]
+        exact_sides = form.startswith("on the left")
+        both = [pair_shows(r, *(({"colour": t.colour, "shape": t.shape} for t in p.things)))
+                and (not exact_sides or (r["left"]["shape"], r["right"]["shape"]) == (p.shape, p.second.shape))
+                for r, p in zip(readings, pairs)]
+        pair_row = {"suite": "base-model", "method": f"{len(pairs)} two-object prompts: {form}", "concept": "all", "seed": 0,
+                    "two_objects": sum(r["objects"] == "two" for r in readings) / len(pairs),
+                    "both_colour_and_shape": sum(both) / len(pairs)}
+        if exact_sides:
+            for attribute in ("shape", "colour", "pattern", "size"):
+                pair_row[attribute] = statistics.mean(
+                    r["objects"] == "two" and r[side][attribute] == getattr(t, attribute)
+                    for r, p in zip(readings, pairs) for side, t in zip(("left", "right"), p.things))
+            pair_row["background"] = sum(r["background"] == p.background for r, p in zip(readings, pairs)) / len(pairs)
+        rows.append(pair_row)
+
     for concept in HELD_OUT:
         traits = concept_traits(concept)
         images = sample(backbone, f"a {traits['colour']} {traits['pattern']} {traits['shape']}", cfg.samples)
@@ -293,8 +323,8 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                 if method == "singleinsert":
                     steps = method_cfg.stage1_steps + method_cfg.stage2_steps
                 else:
-                    steps = cfg.steps or 300
-                subject = TOKEN if method == "textual-inversion" else f"{TOKEN} {traits['shape']}"
+                    steps = 300 if cfg.steps is None else cfg.steps
+                subject = subject_of(method, method_cfg)
                 seconds = train_run(out, method, method_cfg, folder, steps, seed, subject, lr=BENCH_LR.get(method))
                 backbone = _toy([out])
                 images = sample(backbone, f"a {subject}", cfg.samples)
@@ -322,7 +352,7 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
 
 
 def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
-    from ..methods import Dis2BoothConfig, DreamBoothLoraConfig
+    from ..methods import Dis2Booth, Dis2BoothConfig, DreamBoothLoraConfig
 
     sample, rows = Sampler(cfg), []
     n_generated = max(cfg.samples, 2)
@@ -338,10 +368,10 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         real = render_set(work / name / "real", n_generated, seed=5, **traits)  # the floor: real renders, same N
         rows.append({"suite": "distribution", "method": "real renders (the floor)", "concept": name, "seed": 0,
                      **_distribution_row(judge, real, heldout, traits)})
-        steps = cfg.steps or 200
+        steps = 200 if cfg.steps is None else cfg.steps
         warmup = steps // 3
         d2b = Dis2BoothConfig(class_word=class_word, warmup_steps=warmup)
-        updates = warmup + (steps - warmup) * (1 + d2b.delta_steps)  # Dis²Booth's optimizer updates in `steps` steps
+        updates = Dis2Booth.updates_per_run(d2b, steps)  # its optimizer updates in `steps` iterations
         runs = [
             ("dreambooth-lora", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word), steps),
             (f"dreambooth-lora: as many updates ({updates})", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word), updates),
@@ -353,8 +383,9 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         for label, method, method_cfg, run_steps in select_runs(cfg, "distribution", runs):
             for seed in range(cfg.seeds):
                 out = work / name / f"{label.replace(' ', '_').replace(':', '')}-{seed}"
-                seconds = train_run(out, method, method_cfg, folder, run_steps, seed, f"sks {class_word}", previews=4)
-                images = sample(_toy([out]), f"a photo of sks {class_word}", n_generated)
+                subject = subject_of(method, method_cfg)
+                seconds = train_run(out, method, method_cfg, folder, run_steps, seed, subject, previews=4)
+                images = sample(_toy([out]), f"a photo of {subject}", n_generated)
                 save_grid(images, Path(cfg.output) / "grids" / f"distribution-{name}-{out.name}.png")
                 rows.append({"suite": "distribution", "method": label, "concept": name, "seed": seed,
                              "train_seconds": seconds, **_distribution_row(judge, images, heldout, traits)})

@@ -1,16 +1,24 @@
-"""The toy world: procedural 32×32 scenes with exact attributes, masks and captions made of real CLIP words.
+"""The toy world: procedural 64×64 scenes with exact attributes, masks and captions made of real CLIP words.
 
-A scene is one object (shape, colour, pattern, size, position) on a plain background colour. Everything is
-seeded and exact, so a judge can check what a model drew and every method's effect can be measured on a CPU.
+A scene is one or two objects (shape, colour, pattern, size) on a plain background colour. One object stands at
+one of five positions; two objects stand side by side, the first on the left, the second on the right
+("a red circle on the left and a blue square on the right", "a small purple cross next to a large green heart").
+Everything is seeded and exact, so a judge can check what a model drew and every method's effect can be
+measured on a CPU.
 
-Held-out concepts (`HELD_OUT`): attribute combinations that are rendered during base-model training but never
-captioned as a whole (at least one of their three attributes is always dropped from their captions), so the
-base model can draw them but no prompt names them — what personalization must learn. Varied categories
-(`CATEGORIES`) share one trait and vary in the others, for Dis²Booth.
+Patterns are bold and aligned to a 4-pixel grid (the VAE's latent cells): diagonal stripes of period 8 px, a
+grid of white dots of period 8 px. A small object is 20 px across, so even it carries two or three stripes.
+
+Held-out concepts (`HELD_OUT`): colour-shape-pattern combinations that are rendered during base-model training
+but never captioned as a whole (at least one of their three attributes is always dropped from their captions,
+in one- and two-object scenes alike), so the base model can draw them but no prompt names them — what
+personalization must learn. Varied categories (`CATEGORIES`) share one trait and vary in the others, for
+Dis²Booth.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -18,8 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-SIZE = 32
-SUPERSAMPLE = 4  # drawn at 128 px then reduced: anti-aliased edges
+SIZE = 64
+SUPERSAMPLE = 4  # drawn at 256 px then reduced: anti-aliased edges
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 COLOURS = {
@@ -30,6 +38,10 @@ PATTERNS = ("plain", "striped", "dotted")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128), "pink": (250, 170, 200)}
 SIZES = ("small", "large")
 POSITIONS = {"center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7)}
+RADIUS = {"small": 0.16, "large": 0.3}  # of the image side, one object alone
+PAIR_RADIUS = {"small": 0.14, "large": 0.21}  # two objects side by side never touch
+PAIR_CENTRES = ((0.27, 0.5), (0.73, 0.5))  # left, right
+TWO_OBJECTS = 0.3  # share of two-object scenes in training
 
 HELD_OUT = (  # (colour, shape, pattern): drawn in training, never named as a whole
     ("orange", "heart", "dotted"),
@@ -44,25 +56,66 @@ CATEGORIES = {  # Dis²Booth's varied sets: the common trait is fixed, the rest 
 
 
 @dataclass(frozen=True)
+class Thing:
+    """One object of a scene."""
+
+    shape: str
+    colour: str
+    pattern: str
+    size: str
+
+    def is_held_out(self) -> bool:
+        return (self.colour, self.shape, self.pattern) in HELD_OUT
+
+
+@dataclass(frozen=True)
 class Scene:
+    """The first (or only) object's attributes, the background, and an optional second object on the right
+    (the first then stands on the left: `position` is "left")."""
+
     shape: str
     colour: str
     pattern: str
     background: str
     size: str
     position: str
+    second: Thing | None = None
+
+    @property
+    def first(self) -> Thing:
+        return Thing(self.shape, self.colour, self.pattern, self.size)
+
+    @property
+    def things(self) -> tuple[Thing, ...]:
+        return (self.first,) if self.second is None else (self.first, self.second)
 
     def is_held_out(self) -> bool:
-        return (self.colour, self.shape, self.pattern) in HELD_OUT
+        return self.first.is_held_out()
+
+
+def random_thing(rng: random.Random, **fixed) -> Thing:
+    values = dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), pattern=rng.choice(PATTERNS),
+                  size=rng.choice(SIZES))
+    values.update(fixed)
+    return Thing(**values)
 
 
 def random_scene(rng: random.Random, **fixed) -> Scene:
+    """One object with `fixed` attributes (the rest random); `second=` a `Thing` makes a pair."""
     values = dict(
         shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), pattern=rng.choice(PATTERNS),
         background=rng.choice(list(BACKGROUNDS)), size=rng.choice(SIZES), position=rng.choice(list(POSITIONS)),
     )
     values.update(fixed)
+    if values.get("second") is not None:
+        values["position"] = "left"
     return Scene(**values)
+
+
+def random_pair(rng: random.Random, background: str | None = None) -> Scene:
+    """Two random objects side by side."""
+    left, right = random_thing(rng), random_thing(rng)
+    return Scene(**asdict(left), background=background or rng.choice(list(BACKGROUNDS)), position="left", second=right)
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -92,62 +145,118 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
-    """(RGB image SIZE×SIZE, exact boolean foreground mask SIZE×SIZE)."""
-    big = SIZE * SUPERSAMPLE
-    mask = Image.new("L", (big, big), 0)
-    fx, fy = POSITIONS[scene.position]
-    r = big * (0.16 if scene.size == "small" else 0.3)
-    cx, cy = fx * big, fy * big
-    outline = _outline(scene.shape, cx, cy, r)
-    draw = ImageDraw.Draw(mask)
-    if outline is None:
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    else:
-        draw.polygon(outline, fill=255)
-    colour = np.array(COLOURS[scene.colour], dtype=np.float32)
-    fill = np.broadcast_to(colour, (big, big, 3)).copy()
+@functools.lru_cache(maxsize=None)
+def _pattern_map(pattern: str, big: int) -> np.ndarray | None:
+    """Where a pattern marks an object, [big, big] booleans on the image's fixed pixel grid (None: plain)."""
     yy, xx = np.mgrid[0:big, 0:big]
-    if scene.pattern == "striped":  # diagonal stripes, darker
-        fill[((xx + yy) // (2 * SUPERSAMPLE * 2)) % 2 == 0] *= 0.45
-    elif scene.pattern == "dotted":  # a grid of white dots
-        period = 3 * SUPERSAMPLE * 2
-        dots = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period * 0.22) ** 2
-        fill[dots] = 255
-    background = np.broadcast_to(np.array(BACKGROUNDS[scene.background], dtype=np.float32), (big, big, 3))
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255
-    picture = Image.fromarray((alpha * fill + (1 - alpha) * background).round().astype(np.uint8), "RGB")
-    small_mask = np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.BOX)) >= 128
-    return picture.resize((SIZE, SIZE), Image.Resampling.BOX), small_mask
+    period = 8 * SUPERSAMPLE
+    if pattern == "striped":  # diagonal bands, 8 px period
+        return ((xx + yy) // (period // 2)) % 2 == 0
+    if pattern == "dotted":  # dots of 4 px on an 8 px grid
+        return ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period * 0.27) ** 2
+    return None
+
+
+def _pattern_fill(thing: Thing, big: int) -> np.ndarray:
+    """The object's colour with its pattern, [big, big, 3]: stripes darker, dots white."""
+    fill = np.broadcast_to(np.array(COLOURS[thing.colour], dtype=np.float32), (big, big, 3)).copy()
+    marks = _pattern_map(thing.pattern, big)
+    if thing.pattern == "striped":
+        fill[marks] *= 0.4
+    elif thing.pattern == "dotted":
+        fill[marks] = 255
+    return fill
+
+
+def _placements(scene: Scene) -> list[tuple[Thing, float, float, float]]:
+    """(object, centre x, centre y, radius) in supersampled pixels."""
+    big = SIZE * SUPERSAMPLE
+    if scene.second is None:
+        fx, fy = POSITIONS[scene.position]
+        return [(scene.first, fx * big, fy * big, RADIUS[scene.size] * big)]
+    return [(thing, cx * big, cy * big, PAIR_RADIUS[thing.size] * big) for thing, (cx, cy) in zip(scene.things, PAIR_CENTRES)]
+
+
+def render_objects(scene: Scene) -> tuple[Image.Image, list[np.ndarray]]:
+    """(RGB image SIZE×SIZE, one exact boolean mask SIZE×SIZE per object, left to right)."""
+    big = SIZE * SUPERSAMPLE
+    picture = np.broadcast_to(np.array(BACKGROUNDS[scene.background], dtype=np.float32), (big, big, 3)).copy()
+    masks = []
+    for thing, cx, cy, r in _placements(scene):
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
+        outline = _outline(thing.shape, cx, cy, r)
+        if outline is None:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        else:
+            draw.polygon(outline, fill=255)
+        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255
+        picture = alpha * _pattern_fill(thing, big) + (1 - alpha) * picture
+        masks.append(np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.BOX)) >= 128)
+    image = Image.fromarray(picture.round().astype(np.uint8), "RGB").resize((SIZE, SIZE), Image.Resampling.BOX)
+    return image, masks
+
+
+def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
+    """(RGB image SIZE×SIZE, exact boolean foreground mask SIZE×SIZE: every object)."""
+    image, masks = render_objects(scene)
+    return image, np.logical_or.reduce(masks)
+
+
+def _phrase(thing: Thing, keep: dict[str, bool]) -> str:
+    words = [w for k, w in (("size", thing.size), ("colour", thing.colour), ("pattern", thing.pattern))
+             if keep[k] and w != "plain"]
+    return f"a {' '.join(words + [thing.shape])}"
+
+
+def _kept(thing: Thing, rng: random.Random, drop: float) -> dict[str, bool]:
+    """Which attributes a caption names, dropped at random; a held-out combination is never named whole."""
+    keep = {k: rng.random() >= drop for k in ("size", "colour", "pattern")}
+    if thing.is_held_out() and keep["colour"] and keep["pattern"]:
+        keep[rng.choice(["colour", "pattern"])] = False
+    return keep
 
 
 def caption(scene: Scene, rng: random.Random, drop: float = 0.25) -> str:
     """A caption from the grammar, with attributes dropped at random (held-out combinations never whole)."""
-    keep = {k: rng.random() >= drop for k in ("size", "colour", "pattern", "background", "position")}
-    keep["shape"] = True
-    if scene.is_held_out() and keep["colour"] and keep["pattern"]:
-        keep[rng.choice(["colour", "pattern"])] = False  # never all three named together
-    words = [w for k, w in (("size", scene.size), ("colour", scene.colour), ("pattern", scene.pattern)) if keep[k] and w != "plain"]
-    text = f"a {' '.join(words + [scene.shape])}"
-    if keep["background"]:
+    if scene.second is None:
+        text = _phrase(scene.first, _kept(scene.first, rng, drop))
+        keep_position = rng.random() >= drop
+    else:
+        left, right = (_phrase(t, _kept(t, rng, drop)) for t in scene.things)
+        if rng.random() < 0.5:
+            text = f"{left} on the left and {right} on the right"
+        else:  # either order: "next to" does not say which side
+            text = f"{left} next to {right}" if rng.random() < 0.5 else f"{right} next to {left}"
+        keep_position = False
+    if rng.random() >= drop:
         text += f" on a {scene.background} background"
-    if keep["position"] and scene.position != "center":
+    if keep_position and scene.position != "center":
         text += f", {scene.position}"
     return text
 
 
 def describe(scene: Scene) -> str:
     """The full caption (for prompts and judging)."""
-    words = [scene.size, scene.colour] + ([scene.pattern] if scene.pattern != "plain" else []) + [scene.shape]
-    return f"a {' '.join(words)} on a {scene.background} background"
+    everything = {"size": True, "colour": True, "pattern": True}
+    if scene.second is None:
+        text = _phrase(scene.first, everything)
+        position = f", {scene.position}" if scene.position != "center" else ""
+        return f"{text} on a {scene.background} background{position}"
+    left, right = (_phrase(t, everything) for t in scene.things)
+    return f"{left} on the left and {right} on the right on a {scene.background} background"
+
+
+def training_scene(rng: random.Random) -> Scene:
+    return random_pair(rng) if rng.random() < TWO_OBJECTS else random_scene(rng)
 
 
 def training_sample(rng: random.Random, empty_caption: float = 0.1) -> tuple[Image.Image, str, Scene]:
-    scene = random_scene(rng)
+    scene = training_scene(rng)
     image, _ = render(scene)
     text = "" if rng.random() < empty_caption else caption(scene, rng)
     return image, text, scene
 
 
-def scene_dict(scene: Scene) -> dict[str, str]:
+def scene_dict(scene: Scene) -> dict:
     return asdict(scene)

@@ -1,0 +1,197 @@
+"""Real-size Stable Diffusion architectures with random weights: `--model random:sd15`, `random:sd21`, `random:sdxl`.
+
+Beside this file are the configs — and only the configs — of three public diffusers folders:
+
+| name   | architecture of                              | native size | UNet params | text encoders      |
+|--------|----------------------------------------------|------------:|------------:|--------------------|
+| `sd15` | runwayml/stable-diffusion-v1-5                | 512         | 0.86 B      | CLIP ViT-L (768)   |
+| `sd21` | stabilityai/stable-diffusion-2-1 (768, v)     | 768         | 0.87 B      | OpenCLIP ViT-H (1024, 23 layers) |
+| `sdxl` | stabilityai/stable-diffusion-xl-base-1.0      | 1024        | 2.57 B      | CLIP ViT-L (768) + OpenCLIP bigG (1280) |
+
+`random_model_folder("random:sd15")` turns them, once, into a complete diffusers folder in the cache
+($PERSONALIZE_CACHE, else ~/.cache/personalize; the same place as the CLIP tokenizer files): the shipped configs
+copied byte for byte, the tokenizers' vocab.json / merges.txt from the shipped CLIP BPE merges (`tiny.py`), and
+seeded random weights as safetensors. `backbone` then loads that folder with the very call that loads any local
+folder, so nothing after the folder's path differs from a downloaded model. The models draw noise, not pictures:
+they are for measuring speed and memory and for checking that every method runs at real size.
+
+The weights are written in fp16 (the loader reads them as fp32, like any fp16 folder), one tensor at a time, so
+building needs little memory beyond one tensor: on disk sd15 ≈ 2.1 GB, sd21 ≈ 2.6 GB, sdxl ≈ 6.9 GB. Loading
+needs the fp32 model in RAM: sd15 ≈ 4.3 GB, sd21 ≈ 5.2 GB, sdxl ≈ 14 GB. The folder is keyed by a fingerprint of
+the shipped configs, the seed and the builder's version, so a changed config builds a new folder.
+
+Differences from the downloaded folders, none on the loading path: the weights (random, fp16 under the default
+file names, no `.fp16` variants), and SD 1.5's `safety_checker/` folder, which is not built — model_index.json
+names it as the real one does, and personalize always loads with `safety_checker=None`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import shutil
+import struct
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..errors import PersonalizeError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "random:"
+CONFIG_ROOT = Path(__file__).parent
+ARCHITECTURES = {
+    "sd15": "runwayml/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+SEED = 0
+BUILDER_VERSION = 1  # bump when the weights this module writes change for the same configs and seed
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def is_random_model(spec: str) -> bool:
+    return str(spec).startswith(PREFIX)
+
+
+def architecture_name(spec: str) -> str:
+    """'sd15' for 'random:sd15'; a clear error for a name that is not shipped."""
+    name = str(spec)[len(PREFIX):]
+    if name not in ARCHITECTURES:
+        choices = ", ".join(PREFIX + n for n in ARCHITECTURES)
+        raise PersonalizeError(f"unknown random model {spec!r}; the shipped architectures are {choices}")
+    return name
+
+
+def config_folder(spec: str) -> Path:
+    """The shipped configs of `spec` (a diffusers folder without weights): readable without building anything."""
+    return CONFIG_ROOT / architecture_name(spec)
+
+
+def random_model_folder(spec: str, *, seed: int = SEED, dtype: torch.dtype = torch.float16) -> Path:
+    """The complete diffusers folder of `spec` ('random:sd15', ...), built into the cache the first time (atomically)."""
+    from ..tiny import cache_dir
+
+    configs = config_folder(spec)
+    root = cache_dir() / "random-models"
+    folder = root / f"{architecture_name(spec)}-{fingerprint(configs, seed, dtype)}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}-"))
+    start = time.perf_counter()
+    log.info("building %s once (random weights, the configs of %s) in %s", spec, ARCHITECTURES[architecture_name(spec)],
+             folder)
+    try:
+        build_folder(configs, tmp, seed=seed, dtype=dtype)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: its folder is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built %s in %.0f s", spec, time.perf_counter() - start)
+    return folder
+
+
+def fingerprint(configs: Path, seed: int, dtype: torch.dtype) -> str:
+    digest = hashlib.sha256(f"v{BUILDER_VERSION} seed {seed} {dtype}".encode())
+    for path in sorted(p for p in configs.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(configs)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def build_folder(configs: Path, folder: Path, *, seed: int = SEED, dtype: torch.dtype = torch.float16) -> None:
+    """Write a loadable diffusers folder into `folder`: every file of `configs`, CLIP vocabulary files for each
+    CLIPTokenizer component, and seeded random weights for each torch component that model_index.json names."""
+    from ..tiny import clip_tokenizer_dir
+
+    shutil.copytree(configs, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    index = json.loads((configs / "model_index.json").read_text())
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if not (configs / component).is_dir():
+            continue  # named but not shipped (SD 1.5's safety checker): never loaded by personalize
+        library, class_name = entry
+        if class_name.startswith("CLIPTokenizer"):
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(clip_tokenizer_dir() / name, folder / component / name)
+            continue
+        cls = _component_class(library, class_name)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            _write_random_weights(cls, library, folder / component, seed=seed, dtype=dtype)
+
+
+def _component_class(library: str, class_name: str):
+    module = importlib.import_module(library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}")
+    return getattr(module, class_name)
+
+
+def _empty_model(cls, library: str, folder: Path) -> torch.nn.Module:
+    """The component's module with every tensor on the meta device: its state-dict keys and shapes, no memory."""
+    with torch.device("meta"):
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(folder))
+        return cls(cls.config_class.from_pretrained(folder))
+
+
+def _write_random_weights(cls, library: str, folder: Path, *, seed: int, dtype: torch.dtype) -> None:
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    shapes = {k: tuple(v.shape) for k, v in _empty_model(cls, library, folder).state_dict().items()}
+    name = SAFETENSORS_WEIGHTS_NAME if library == "diffusers" else SAFE_WEIGHTS_NAME
+    write_safetensors(folder / name, shapes, lambda key: random_tensor(key, shapes[key], seed).to(dtype), dtype)
+
+
+def random_tensor(key: str, shape: tuple, seed: int) -> torch.Tensor:
+    """PyTorch's own default initialisation, seeded per tensor (by name), so each tensor is reproducible alone.
+
+    Linear and conv weights: U(±1/√fan_in) (nn.Linear's and nn.Conv2d's default); embedding tables: N(0, 0.02)
+    (CLIP's initializer_range); norm scales 1; biases 0. Small random weights keep a 0.9-3.5 B-parameter network
+    finite in fp16 and bf16, which is all the benchmarks and real-size tests need.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    if len(shape) >= 2:
+        if "embedding" in key.split(".")[-2]:
+            return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        bound = fan_in ** -0.5
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    if key.endswith("weight") and len(shape) == 1:
+        return torch.ones(shape)
+    return torch.zeros(shape)
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple], make, dtype: torch.dtype) -> None:
+    """A .safetensors file written one tensor at a time (`make(key)` gives each), so that a 2.6 B-parameter UNet
+    never has to be in memory whole. Same layout as `safetensors.torch.save_file`: little-endian u64 header size,
+    JSON header (space-padded to 8 bytes) with each tensor's dtype, shape and byte range, then the data."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key in sorted(shapes):
+        size = itemsize
+        for d in shapes[key]:
+            size *= d
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for key in sorted(shapes):
+            tensor = make(key).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shapes[key]):
+                raise ValueError(f"{key}: made {tuple(tensor.shape)}, declared {shapes[key]}")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes (numpy has no bfloat16)

@@ -1,0 +1,158 @@
+"""The training form's options, read from the same dataclasses that build `personalize train`'s flags.
+
+Nothing here lists an option: `options_for(method)` walks TrainConfig and the method's config dataclass exactly as
+`cli.add_dataclass_flags` does (same order, same "first class wins" rule for shared names, same flag spelling), so a
+field added to a dataclass appears in the UI with its help and default, and one removed disappears. The form's
+values become an argv for `personalize train`, and `check_argv` parses that argv back with the CLI's own
+`build_configs` and insists it means what the form shows: the command the UI shows is the command it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+
+from ..cli import _base_type, build_configs, preset_description, preset_names, read_preset
+from ..errors import PersonalizeError
+
+# Fields the form has widgets of its own for (images, output, the method and model pickers, the stop/resume buttons).
+OWN_WIDGETS = ("method", "model", "images", "output", "resume", "overwrite")
+# Loop options shown up front; every other TrainConfig field is under "All loop options". Layout, not a list of
+# options: the fields themselves, their types, defaults and help come from TrainConfig.
+UP_FRONT = ("steps", "lr", "batch_size", "resolution", "seed", "validation_steps", "checkpointing_steps")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One dataclass field as a form widget: what `add_dataclass_flags` makes of it as a flag."""
+
+    name: str
+    kind: type  # int, float, str or bool (the element type of a list)
+    is_list: bool
+    default: object
+    help: str
+    choices: tuple | None
+    owner: str  # the dataclass that declares it: "TrainConfig" or the method's config class
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')}"
+
+    @property
+    def up_front(self) -> bool:
+        return self.owner != "TrainConfig" or self.name in UP_FRONT
+
+
+def _default(f):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def dataclass_options(cls, seen: set[str] | None = None) -> list[Option]:
+    """`cls`'s fields as Options, skipping names in `seen` (and adding its own), as add_dataclass_flags does."""
+    seen = set() if seen is None else seen
+    out = []
+    for f in fields(cls):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        kind, is_list = _base_type(f.type)
+        choices = f.metadata.get("choices")
+        out.append(Option(f.name, kind, is_list, _default(f), f.metadata.get("help", ""),
+                          tuple(choices) if choices else None, cls.__name__))
+    return out
+
+
+def options_for(method: str) -> list[Option]:
+    """The options of `personalize train --method METHOD` that the form shows as fields."""
+    from ..methods import METHODS
+    from ..trainer import TrainConfig
+
+    if method not in METHODS:
+        raise PersonalizeError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    seen: set[str] = set()
+    every = dataclass_options(TrainConfig, seen) + dataclass_options(METHODS[method].config_class, seen)
+    return [o for o in every if o.name not in OWN_WIDGETS]
+
+
+def presets() -> dict[str, str]:
+    """{preset name: its one-line description}, as `personalize presets` prints them."""
+    return {name: preset_description(name) for name in preset_names()}
+
+
+def baseline(method: str, preset: str | None) -> dict:
+    """What each option is when the form leaves it alone: the dataclass default, or the preset's value."""
+    values = {o.name: o.default for o in options_for(method)}
+    if preset:
+        values.update({k: v for k, v in read_preset(preset).items() if k in values})
+    return values
+
+
+def flag_tokens(option: Option, value) -> list[str]:
+    """The argv tokens that set `option` to `value` (BooleanOptionalAction for bools, nargs='+' for lists)."""
+    if option.kind is bool:
+        return [option.flag if value else f"--no-{option.flag[2:]}"]
+    if option.is_list:
+        return [option.flag, *(str(v) for v in value)]
+    return [option.flag, str(value)]
+
+
+def parse_value(option: Option, raw):
+    """A widget's raw value -> the option's value; None when the field is left empty (the baseline then applies)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if option.kind is bool:
+        return bool(raw)
+    if option.is_list:
+        items = raw if isinstance(raw, list) else [line.strip() for line in str(raw).splitlines()]
+        return [option.kind(v) for v in items if str(v).strip()] or None
+    try:
+        value = option.kind(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise PersonalizeError(f"{option.flag}: {raw!r} is not a{'n' if option.kind is int else ''} "
+                               f"{option.kind.__name__}") from None
+    if option.kind is int and isinstance(raw, float) and raw != int(raw):
+        raise PersonalizeError(f"{option.flag}: {raw} is not a whole number")
+    if option.choices and value not in option.choices:
+        raise PersonalizeError(f"{option.flag}: {value!r} is not one of {', '.join(map(str, option.choices))}")
+    return value
+
+
+def train_argv(method: str, model: str, images: str, output: str, values: dict, preset: str | None = None) -> list[str]:
+    """`personalize train` argv (without the program name) for the form's state: the method, model, images and
+    output always, the preset when one is picked, and a flag for every option whose value differs from its baseline."""
+    argv = ["train", "--method", method]
+    if preset:
+        argv += ["--preset", preset]
+    argv += ["--model", model, "--images", images, "--output", output]
+    base = baseline(method, preset)
+    for option in options_for(method):
+        value = values.get(option.name)
+        if value is None or value == base[option.name]:
+            continue
+        argv += flag_tokens(option, value)
+    return argv
+
+
+def check_argv(argv: list[str], method: str, values: dict) -> None:
+    """Parse `argv` with the CLI's own parser and require every value the form shows: the command is the form."""
+    try:
+        train_cfg, method_cfg = build_configs(argv[1:])
+    except SystemExit as exc:  # argparse's way of refusing: the message went to stderr
+        raise PersonalizeError(f"personalize train refuses these options ({' '.join(argv[1:])})") from exc
+    parsed = {**vars(train_cfg), **vars(method_cfg)}
+    if parsed["method"] != method:
+        raise PersonalizeError(f"the command trains {parsed['method']}, the form says {method}")
+    for option in options_for(method):
+        wanted = values.get(option.name)
+        if wanted is not None and parsed.get(option.name) != wanted:
+            raise PersonalizeError(f"{option.flag}: the command would mean {parsed.get(option.name)!r}, the form says {wanted!r}")
+
+
+def help_line(option: Option, base) -> str:
+    """The field's help and what it is when left alone (a None default's help already says what decides it)."""
+    if base is None:
+        return option.help
+    shown = base if base != "" else "''"
+    note = "" if base == option.default else ", from the preset"
+    return f"{option.help} (default: {shown}{note})"

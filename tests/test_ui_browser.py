@@ -1,0 +1,187 @@
+"""End to end in a real headless Chromium: `personalize ui` on a free local port, the example concept's images
+uploaded, 20 training steps on the toy model, the progress to its end and a preview on the page, one image
+generated, a mask drawn and saved — with a screenshot of every step ($PERSONALIZE_UI_SHOTS, else the test's
+temporary folder).
+
+The browser is Debian's `chromium` (.ci/run installs it; Playwright's own browser download does not work here).
+Without one the test fails, naming what to install; it is skipped only when PERSONALIZE_BROWSER_TESTS=off.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+BROWSER = os.environ.get("PERSONALIZE_BROWSER", "/usr/bin/chromium")
+# Without the background-networking flags Chromium's own connections are refused here and slow everything down.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+EXAMPLE = REPO / "examples" / "blue-striped-star"
+
+
+@pytest.fixture
+def browser():
+    if os.environ.get("PERSONALIZE_BROWSER_TESTS") == "off":
+        pytest.skip("PERSONALIZE_BROWSER_TESTS=off")
+    if not Path(BROWSER).is_file():
+        pytest.fail(f"no browser at {BROWSER}: apt-get install chromium (as .ci/run does), set PERSONALIZE_BROWSER, "
+                    "or PERSONALIZE_BROWSER_TESTS=off to skip the browser test")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs playwright: pip install -e '.[test]'")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=BROWSER, headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui_url(tmp_path):
+    """`personalize ui` in a child process (as a user starts it), on the toy model, in an empty workspace."""
+    workspace, port = tmp_path / "workspace", _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # NiceGUI changes its ways under pytest
+    env["PERSONALIZE_MODEL"] = "toy"
+    log = open(tmp_path / "ui.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "personalize.cli", "ui", "--workspace", str(workspace), "--port", str(port),
+                               "--no-browser"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"personalize ui did not start:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        _stop_jobs(workspace)
+        log.close()
+
+
+def _stop_jobs(workspace: Path) -> None:
+    """Jobs outlive their UI by design: a test that failed half-way must not leave one running."""
+    listing = workspace / ".personalize-ui" / "jobs.json"
+    for job in json.loads(listing.read_text()) if listing.is_file() else []:
+        if job["state"] == "running" and job["pid"]:
+            try:
+                os.killpg(job["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def shots(tmp_path):
+    folder = Path(os.environ.get("PERSONALIZE_UI_SHOTS") or tmp_path / "shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _wait_for_status(page, prefix: str, timeout_s: float) -> str:
+    """Wait until the train status starts with `prefix`; fail at once, with its words, if the job failed."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        text = page.locator("#train-status").inner_text()
+        if text.startswith(prefix):
+            return text
+        if text.startswith(("failed", "stopped")):
+            pytest.fail(f"training did not finish: {text}")
+        page.wait_for_timeout(500)
+    pytest.fail(f"training still not {prefix} after {timeout_s:.0f} s: {text}")
+
+
+def test_images_in_concept_out_in_a_real_browser(browser, ui_url, shots, tmp_path):
+    started = time.time()
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(ui_url)
+    page.get_by_label("Concept name").fill("star")
+    page.screenshot(path=shots / "1-start.png")
+
+    # 1. images: the five example renders, uploaded through the page
+    files = sorted(EXAMPLE.glob("*.png"))
+    page.locator("input[type=file]").set_input_files([str(f) for f in files])
+    page.locator("#images-ready").filter(has_text=f"{len(files)} image(s) ready").wait_for(timeout=30_000)
+    page.screenshot(path=shots / "2-images.png", full_page=True)
+    workspace = tmp_path / "workspace"
+    assert sorted(p.name for p in (workspace / "uploads" / "star").glob("*.png")) == [f.name for f in files]
+
+    # 3. settings: 20 steps, the init word Textual Inversion needs
+    page.get_by_role("tab", name="3 · Method & settings").click()
+    page.get_by_label("--init-word").fill("star")
+    page.get_by_label("--steps").fill("20")
+    page.screenshot(path=shots / "3-settings.png", full_page=True)
+
+    # 4. train: the command shown is the one that runs; progress to the end, then a preview on the page
+    page.get_by_role("tab", name="4 · Train").click()
+    command = page.locator(".cmd").inner_text()
+    assert "personalize train --method textual-inversion" in command and "--steps 20" in command and "--init-word star" in command
+    page.locator("#train").click()
+    _wait_for_status(page, "training", 90)
+    page.screenshot(path=shots / "4-training.png")
+    _wait_for_status(page, "finished", 120)
+    page.locator("#preview img").first.wait_for(state="visible", timeout=30_000)
+    page.screenshot(path=shots / "5-trained.png")
+    assert json.loads((workspace / "runs" / "star" / "run.json").read_text())["status"] == "finished"
+
+    # a second tab sees the same job
+    other = browser.new_page(viewport={"width": 1280, "height": 800})
+    other.goto(ui_url)
+    assert _wait_for_status(other, "finished", 10).startswith("finished")
+    other.close()
+
+    # 5. use it: one image of the learned concept
+    page.get_by_role("tab", name="5 · Use it").click()
+    assert page.get_by_label("Prompts (one per line)").input_value() == "a <concept>"
+    page.get_by_label("Images per prompt").fill("1")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for(state="visible", timeout=90_000)
+    page.screenshot(path=shots / "6-generated.png", full_page=True)
+    (samples,) = (workspace / "runs" / "star" / "samples").iterdir()
+    assert sorted(p.name for p in samples.glob("*.png")) == ["00-0.png", "grid.png"]
+
+    # 2. mask: a stroke across the first image, saved as the file the trainer reads
+    page.get_by_role("tab", name="2 · Mask").click()
+    page.wait_for_timeout(800)  # the tab panel slides in: measure the image where it comes to rest
+    box = page.locator("#mask-canvas img").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    page.locator("#mask-info").filter(has_text=re.compile(r"^[1-9]\d*% of the image")).wait_for(timeout=10_000)
+    page.locator("#save-mask").click()
+    mask = workspace / "uploads" / "star" / "000.mask.png"
+    for _ in range(40):
+        if mask.is_file():
+            break
+        page.wait_for_timeout(250)
+    page.screenshot(path=shots / "7-mask.png")
+    assert mask.is_file(), "the drawn mask was not saved"
+
+    assert not errors, f"errors in the page: {errors}"
+    assert time.time() - started < 240
