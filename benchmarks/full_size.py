@@ -9,8 +9,9 @@ those of the real networks without a download. Every configuration runs in a fre
   `StepLog.write`, after a CUDA synchronize), median and IQR over the steps after the first `--warmup`;
   the trainer's checkpoint (written after the last step) and previews (`--num-validation-images 0`) are outside;
 - peak memory: on a GPU `torch.cuda.max_memory_allocated()` over the whole run (weights + activations + optimiser);
-  on a CPU the process's peak RSS (`ru_maxrss`, which includes loading the fp16 files into fp32) and the largest
-  RSS sampled at the steps' ends (`RSS steps`: the steady training footprint);
+  on a CPU the process's peak RSS (`ru_maxrss`, which includes loading the fp16 files into fp32, usually the
+  largest moment) and the peak RSS from the end of the first step to the end of the last (the high-water mark
+  VmHWM reset after step 1: the training footprint, activations of the backward pass included);
 - `floor`: the least a step can cost on the same model, precision and size — the text encoder(s) forward from a
   token-embedding output that requires grad, the UNet forward, MSE, backward through both (frozen weights, as in
   Textual Inversion and BaTex; `benchmarks/step_cost.py` has the same floor for the tiny models). `× floor` is a
@@ -78,14 +79,24 @@ def method_args(method: str, steps: int, rank: int) -> list[str]:
 # -- the child process -------------------------------------------------------------------------------------------
 
 
-def current_rss_mib() -> float | None:
+def status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB: VmRSS (now), VmHWM (the high-water mark)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0), so that VmHWM measures from now on."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mib() -> float:
@@ -137,13 +148,17 @@ def child(cfg: dict) -> dict:
     from personalize import cli, trainer
 
     cuda = torch.cuda.is_available()
-    marks, rss = [], []
+    marks, hwm, before_reset = [], [], [0.0]
 
     def mark():
         if cuda:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
-        rss.append(current_rss_mib())
+        if len(marks) == 1:  # from the end of the first step on: the training footprint, not loading's
+            before_reset[0] = peak_rss_mib()  # resetting VmHWM may reset ru_maxrss too
+            hwm.append(None if not reset_peak_rss() else status_mib("VmHWM"))
+        elif hwm[0] is not None:
+            hwm.append(status_mib("VmHWM"))
 
     start = time.perf_counter()
     error = None
@@ -182,7 +197,7 @@ def child(cfg: dict) -> dict:
     durations = [b - a for a, b in zip(marks, marks[1:])][max(0, cfg["warmup"] - 1):]  # steps after the first `warmup`
     row = {**cfg, "status": "failed" if error else "ok", "note": error or cfg.get("note", ""), "wall_s": round(wall, 1),
            "timed_steps": len(durations), "step_s": [round(d, 4) for d in durations],
-           "peak_rss_mib": round(peak_rss_mib()), "steps_rss_mib": round(max(r for r in rss if r)) if any(rss) else None,
+           "peak_rss_mib": round(max(before_reset[0], peak_rss_mib())), "steps_peak_rss_mib": round(hwm[-1]) if hwm and hwm[-1] else None,
            "device": torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} torch threads)"}
     if durations:
         q = statistics.quantiles(durations, n=4) if len(durations) > 1 else [durations[0]] * 3
@@ -280,11 +295,11 @@ def add_floor_ratios(rows: list[dict]) -> None:
 
 def markdown(rows: list[dict]) -> str:
     cuda = any("cuda_max_allocated_mib" in r for r in rows)
-    memory = "CUDA max allocated MiB" if cuda else "peak RSS MiB | RSS steps MiB"
+    memory = "CUDA max allocated MiB" if cuda else "peak RSS MiB | peak RSS of steps 2+ MiB"
     lines = [f"| arch | px | method | precision | grad. ckpt | optimizer | text cache | s/step (median) | IQR s | × floor | {memory} | wall s | note |",
              "|---|---:|---|---|---|---|---|---:|---:|---:|" + ("---:|" if cuda else "---:|---:|") + "---:|---|"]
     for r in rows:
-        mem = str(r.get("cuda_max_allocated_mib", "")) if cuda else f"{r.get('peak_rss_mib', '')} | {r.get('steps_rss_mib') or ''}"
+        mem = str(r.get("cuda_max_allocated_mib", "")) if cuda else f"{r.get('peak_rss_mib', '')} | {r.get('steps_peak_rss_mib') or ''}"
         iqr = f"{r['iqr_s'][0]:.2f}–{r['iqr_s'][1]:.2f}" if r.get("iqr_s") else ""
         median = f"{r['median_s']:.2f}" if r.get("median_s") else ""
         note = r.get("note", "") if r.get("status") != "ok" else ""

@@ -128,3 +128,14 @@ def test_cached_text_embeddings_encode_each_prompt_once_and_train_the_same(tmp_p
 def test_eight_bit_adam_is_refused_clearly_off_cuda(tmp_path, capsys):
     train(*common(tmp_path, "--init-word", "cat", "--steps", 1, "--optimizer", "adamw8bit"), expect=2)
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_non_finite_vae_latents_stop_with_the_fix_named(tmp_path, monkeypatch, capsys):
+    """SDXL's VAE overflows in fp16: latents that are not finite must stop the run before training on them."""
+    from personalize.backbone import Backbone
+
+    original = Backbone.encode_images
+    monkeypatch.setattr(Backbone, "encode_images", lambda self, pixels: tuple(t * float("inf") for t in original(self, pixels)))
+    train(*common(tmp_path, "--model", "tiny-xl", "--init-word", "cat", "--steps", 1), expect=2)
+    err = capsys.readouterr().err
+    assert "inf/NaN latents" in err and "sdxl-vae-fp16-fix" in err

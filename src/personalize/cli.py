@@ -177,6 +177,11 @@ def cmd_generate(argv: list[str]) -> int:
     for i, (concept, scale, token) in enumerate(zip(a.concept, scales, tokens)):
         try:
             print(f"loaded {install_concept(backbone, concept, token=token or None, lora_scale=scale)} from {concept}")
+            settings = run_settings(concept)
+            if settings and not token:  # the method says how its prompts name the concept ("sks dog", "<concept>")
+                from .methods import run_subject
+
+                print(f"  prompts name it as: {run_subject(settings)!r}")
         except PlaceholderTaken as exc:  # the advice must name generate's own way out: --token in --concept order
             advice = " ".join(["--token ''"] * i + [f"--token '{renamed(exc.placeholder)}'"])
             raise PersonalizeError(f"--concept {concept}: the placeholder {exc.placeholder!r} is taken (a word of the "
@@ -305,13 +310,15 @@ def cmd_ui(argv: list[str]) -> int:
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image file an upload may be")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     a = p.parse_args(argv)
+    from .ui.guards import parse_auth  # (no third-party imports: a bad --auth is refused at once)
+
+    auth = parse_auth(a.auth) if a.auth else None
     try:
         from .ui.app import serve
-        from .ui.guards import parse_auth
     except ImportError as exc:
         raise PersonalizeError(f"personalize ui needs its extra: pip install 'personalize[ui]' ({exc})") from exc
     try:
-        serve(a.workspace, a.host, a.port, parse_auth(a.auth) if a.auth else None, a.max_upload_mb, show=not a.no_browser)
+        serve(a.workspace, a.host, a.port, auth, a.max_upload_mb, show=not a.no_browser)
     except KeyboardInterrupt:
         pass
     print("personalize ui stopped; jobs it started go on (a new `personalize ui` shows them)")

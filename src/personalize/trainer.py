@@ -51,8 +51,8 @@ class TrainConfig:
     method: str = field(default="textual-inversion", metadata={"help": "what to train", "choices": sorted(METHODS)})
     model: str = field(
         default_factory=default_model,
-        metadata={"help": "base model: toy | tiny | tiny-v | tiny-xl | diffusers folder | .safetensors/.ckpt | hub id "
-                          "($PERSONALIZE_MODEL, else toy)",
+        metadata={"help": "base model: toy | tiny | tiny-v | tiny-xl | random:sd15 | random:sd21 | random:sdxl | diffusers "
+                          "folder | .safetensors/.ckpt | hub id ($PERSONALIZE_MODEL, else toy)",
                   "aliases": ["--pretrained_model_name_or_path"]},
     )
     model_config: str | None = field(default=None, metadata={"help": "diffusers folder with the configs of a single-file checkpoint"})
@@ -235,6 +235,10 @@ class _Shard:
         self.time_ids = time_ids.to(device) if time_ids is not None else None  # one row per cached row
         means, stds = zip(*(backbone.encode_images(chunk) for chunk in pixels.split(8)))
         self.mean, self.std = torch.cat(means).to(device), torch.cat(stds).to(device)
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
+            raise PersonalizeError(
+                f"the VAE gave inf/NaN latents (in {backbone.vae.dtype}); SDXL's VAE overflows in fp16: keep it in fp32 "
+                "(--mixed-precision bf16 or no), or use an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix in the model folder")
         self.masks = None
         if masks is not None:
             self.masks = torch.nn.functional.interpolate(masks.float(), size=self.mean.shape[-2:], mode="area").to(device)

@@ -2,11 +2,13 @@
 
 Beside this file are the configs — and only the configs — of three public diffusers folders:
 
-| name   | architecture of                              | native size | UNet params | text encoders      |
-|--------|----------------------------------------------|------------:|------------:|--------------------|
-| `sd15` | runwayml/stable-diffusion-v1-5                | 512         | 0.86 B      | CLIP ViT-L (768)   |
-| `sd21` | stabilityai/stable-diffusion-2-1 (768, v)     | 768         | 0.87 B      | OpenCLIP ViT-H (1024, 23 layers) |
-| `sdxl` | stabilityai/stable-diffusion-xl-base-1.0      | 1024        | 2.57 B      | CLIP ViT-L (768) + OpenCLIP bigG (1280) |
+| name   | architecture of                          | native px | UNet params | text encoder params                    |
+|--------|------------------------------------------|----------:|------------:|----------------------------------------|
+| `sd15` | runwayml/stable-diffusion-v1-5           |       512 | 859,520,964 | CLIP ViT-L 123,060,480 (768 wide)      |
+| `sd21` | stabilityai/stable-diffusion-2-1 (v)     |       768 | 865,910,724 | OpenCLIP ViT-H 340,387,840 (1024, 23 layers) |
+| `sdxl` | stabilityai/stable-diffusion-xl-base-1.0 |      1024 | 2,567,463,684 | CLIP ViT-L 123,060,480 + OpenCLIP bigG 694,659,840 (1280) |
+
+(VAE: 83,653,863 in all three.)
 
 `random_model_folder("random:sd15")` turns them, once, into a complete diffusers folder in the cache
 ($PERSONALIZE_CACHE, else ~/.cache/personalize; the same place as the CLIP tokenizer files): the shipped configs
@@ -16,9 +18,11 @@ folder, so nothing after the folder's path differs from a downloaded model. The 
 they are for measuring speed and memory and for checking that every method runs at real size.
 
 The weights are written in fp16 (the loader reads them as fp32, like any fp16 folder), one tensor at a time, so
-building needs little memory beyond one tensor: on disk sd15 ≈ 2.1 GB, sd21 ≈ 2.6 GB, sdxl ≈ 6.9 GB. Loading
-needs the fp32 model in RAM: sd15 ≈ 4.3 GB, sd21 ≈ 5.2 GB, sdxl ≈ 14 GB. The folder is keyed by a fingerprint of
-the shipped configs, the seed and the builder's version, so a changed config builds a new folder.
+building needs little memory beyond one tensor (SDXL: 0.8 GiB peak RSS, 38 s on a 2-core CPU; SD 1.5: 31 s). On
+disk: sd15 2.0 GiB, sd21 2.5 GiB, sdxl 6.5 GiB. Loading holds the fp32 model in RAM: peak RSS 5.2-6, 6-7 and
+14-17.5 GiB (CPU training runs at 64 px; see benchmarks/README.md). The folder is keyed by a fingerprint of the
+shipped configs, the seed and the builder's version, so a changed config builds a new folder (old ones stay until
+deleted).
 
 Differences from the downloaded folders, none on the loading path: the weights (random, fp16 under the default
 file names, no `.fp16` variants), and SD 1.5's `safety_checker/` folder, which is not built — model_index.json

@@ -47,6 +47,7 @@ from ..data import find_mask, image_paths, load_rgb
 from ..errors import PersonalizeError
 from ..export import atomic_write
 from ..generate import run_settings
+from ..methods import run_subject
 from ..trainer import default_model
 from . import metrics as M
 from .esr import editing_success_rate
@@ -145,14 +146,6 @@ def resolve_defaults(cfg: EvalConfig) -> EvalConfig:
                          "reference_masks": cfg.reference_masks or run.get("masks"), "generated_masks": generated_masks,
                          "steps": sampler["inference_steps"] if cfg.steps is None else cfg.steps,
                          "guidance": sampler["guidance"] if cfg.guidance is None else cfg.guidance})
-
-
-def run_subject(run: dict) -> str:
-    """How prompts name a run's concept: its method says (`Method.prompt_subject`); a bare file: the token."""
-    from ..methods import METHODS
-
-    method = METHODS.get(run.get("method") or "")
-    return method.prompt_subject(run) if method else run.get("token") or "<concept>"
 
 
 def toy_world(cfg: EvalConfig) -> bool:

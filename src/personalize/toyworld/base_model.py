@@ -62,6 +62,7 @@ class ToyTrainingConfig:
     noise_offset: float = 0.1
     ema_decay: float = 0.9995
     checkpoint_minutes: float = 5.0
+    gate_samples: int = 1000  # fresh renders the VAE gate reconstructs
 
 
 def build_parts():
@@ -204,12 +205,12 @@ def train_vae(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(), 
     with torch.no_grad():
         latents = torch.cat([vae.encode(to_unit(c).to(device)).latent_dist.mean.float().cpu() for c in pool[:2048].split(256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    report = vae_report(vae.float())
+    report = vae_report(vae.float(), n=cfg.gate_samples)
     log.info("VAE gate (judge on reconstructions of 1000 fresh renders, need >= %.2f each): %s", VAE_GATE,
              ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
     vae.cpu().save_pretrained(output / "vae", safe_serialization=True)
     (output / "vae" / "gate.json").write_text(json.dumps({"gate": VAE_GATE, "passed": gate_passed(report), "accuracy": report,
-                                                         "steps": cfg.vae_steps}, indent=1))
+                                                         "steps": cfg.vae_steps, "renders": cfg.gate_samples}, indent=1))
     return report
 
 

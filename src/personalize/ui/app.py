@@ -261,6 +261,8 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 8080, auth: tuple
     def index():
         Page(server)
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not auth:
+        print(f"warning: --host {host} without --auth: anyone who can reach this port can train and read the workspace")
     print(f"personalize ui: http://{host}:{port}  (workspace {server.workspace.root}; Ctrl-C stops the UI, not its jobs)")
     ui.run(host=host, port=port, title="personalize", show=show, reload=False, show_welcome_message=False,
            favicon="🎨", uvicorn_logging_level="warning")

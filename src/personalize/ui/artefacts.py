@@ -32,7 +32,7 @@ def where_it_goes(name: str, token: str | None = None) -> str:
     return ""
 
 
-def artefacts(run: Path, names: list[str]) -> list[tuple[Path, str]]:
+def artefacts(run: Path, names: list[str], token: str | None = None) -> list[tuple[Path, str]]:
     """(file, where it goes) of a finished run's artefacts (run.json's list) and its settings."""
     files = [run / n for n in names] + [run / "config.yaml"]
-    return [(f, where_it_goes(f.name)) for f in files if f.exists()]
+    return [(f, where_it_goes(f.name, token)) for f in files if f.exists()]

@@ -199,7 +199,8 @@ class UseSteps:
     @ui.refreshable_method
     def files_view(self) -> None:
         status = run_status(self.run_folder)
-        files = artefacts(self.run_folder, status.get("artefacts", [])) if status.get("status") == "finished" else []
+        token = run_settings(self.run_folder).get("token")
+        files = artefacts(self.run_folder, status.get("artefacts", []), token) if status.get("status") == "finished" else []
         if not files:
             ui.label("The run's files appear here when it has finished.").classes("text-gray-500")
             return

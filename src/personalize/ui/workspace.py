@@ -153,6 +153,8 @@ def describe_image(path: Path, resolution: int | None, needs_mask: bool = False)
             notes.append(f"smaller than the training size {resolution} px: upscaled, will look soft")
         elif side > resolution:
             notes.append(f"resized to {resolution}×{resolution}")
+        elif image.width == image.height:
+            notes.append(f"used as it is ({resolution} px is the training size)")
         preview = _tensor_to_image(to_training_tensor(image, resolution))
     else:
         preview = image.copy()

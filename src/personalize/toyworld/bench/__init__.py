@@ -1,0 +1,153 @@
+"""`personalize bench`: the papers' tables in miniature on the toy model, judged by the toy judge.
+
+One file per paper's claims (`batex.py`, `singleinsert.py`, `dis2booth.py`), the model's own gates
+(`base_model.py`), the learning-rate sweep (`sweep.py`) and what they share (`common.py`): settings, runs,
+sampling with the same seeds for every row, measuring, and the paired sign test that turns "A beats B" into held /
+reversed / inside noise. Writes OUTPUT/bench.json (every row, the verdicts, the chosen rates), OUTPUT/bench.md
+(tables and verdicts), OUTPUT/grids/*.png (samples per row) and OUTPUT/*.png plots; partial results are written
+after every suite, so a long bench that dies keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ...errors import PersonalizeError
+from ...export import atomic_write
+from .base_model import suite_base_model
+from .batex import suite_embeddings
+from .common import (BenchConfig, concept_traits, paired, preview_curve, render_set, saturated, select_runs,
+                     steps_to_converge, subject_of, summarise)
+from .dis2booth import suite_dis2booth_scan, suite_distribution
+from .singleinsert import suite_singleinsert
+from .sweep import suite_lr_sweep
+
+SUITES = {
+    "base-model": suite_base_model,
+    "lr-sweep": suite_lr_sweep,
+    "embeddings": suite_embeddings,
+    "init-word": lambda cfg, judge, work: suite_embeddings(cfg, judge, work, "init-word"),
+    "basis-size": lambda cfg, judge, work: suite_embeddings(cfg, judge, work, "basis-size"),
+    "distance": lambda cfg, judge, work: suite_embeddings(cfg, judge, work, "distance"),
+    "singleinsert": suite_singleinsert,
+    "distribution": suite_distribution,
+    "dis2booth-scan": suite_dis2booth_scan,
+}
+CLAIMS = [  # (suite, metric, A, B, higher is better): each paper's "A beats B", tested pairwise
+    ("embeddings", "text_alignment", "batex", "textual-inversion", True),
+    ("embeddings", "image_alignment", "batex", "textual-inversion", True),
+    ("embeddings", "edit_keeps_concept", "batex", "textual-inversion", True),
+    ("init-word", "image_alignment", "batex", "textual-inversion", True),
+    ("singleinsert", "background_leakage", "singleinsert: full (+L_sm)", "singleinsert: baseline", False),
+    ("singleinsert", "foreground_alignment", "singleinsert: +L_fg", "singleinsert: baseline", True),
+    ("singleinsert", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
+    ("singleinsert", "edit_keeps_concept", "singleinsert: full (+L_sm)", "textual-inversion + LoRA (1 image)", True),
+    ("singleinsert", "text_alignment", "singleinsert: full (+L_sm)", "singleinsert: stage I only", False),
+    ("singleinsert", "clean_foreground", "singleinsert: full (+L_sm)", "textual-inversion (1 image)", True),
+    ("distribution", "frechet", "dis2booth", "dreambooth-lora", False),
+    ("distribution", "diversity", "dis2booth", "dreambooth-lora", True),
+    ("distribution", "frechet", "dis2booth", "dis2booth: no contextual loss", False),
+    ("distribution", "frechet", "dis2booth", "dis2booth: no delta loss", False),
+    ("distribution", "frechet", "dis2booth", "dis2booth: synchronous", False),
+]
+
+__all__ = ["SUITES", "BenchConfig", "bench", "concept_traits", "preview_curve", "render_set", "select_runs",
+           "steps_to_converge", "subject_of", "summarise"]
+
+
+def bench(cfg: BenchConfig) -> list[Path]:
+    from ..judge import ToyJudge
+
+    if not cfg.output:
+        raise PersonalizeError("--output is required: the folder for bench.json, bench.md and grids/")
+    unknown = set(cfg.suite) - set(SUITES)
+    if unknown:
+        raise PersonalizeError(f"unknown --suite {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
+    judge = ToyJudge.load()
+    output = Path(cfg.output)
+    work = output / "runs"
+    rows: list[dict] = []
+    extra: dict = {}
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for suite in cfg.suite:
+        suite_started = time.monotonic()
+        result = SUITES[suite](cfg, judge, work / suite)
+        if suite == "lr-sweep":
+            result, extra["chosen_rates"] = result
+        rows += result
+        extra.setdefault("suite_minutes", {})[suite] = round((time.monotonic() - suite_started) / 60, 1)
+        _write(output, cfg, rows, started, extra)  # after every suite: a long bench that dies keeps what it measured
+    if not cfg.keep_runs:
+        shutil.rmtree(work, ignore_errors=True)
+    return _write(output, cfg, rows, started, extra)
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each claim whose rows were measured, with its paired comparison; saturated metrics say so."""
+    out = []
+    for suite, metric, a, b, higher in CLAIMS:
+        result = paired(rows, metric, a, b, higher, suite)
+        if result["n"]:
+            if saturated(rows, metric, suite):
+                result["verdict"] = "does not separate the rows (saturated)"
+            out.append({"suite": suite, **result})
+    return out
+
+
+def _write(output: Path, cfg: BenchConfig, rows: list[dict], started: str, extra: dict) -> list[Path]:
+    claims = verdicts(rows)
+    payload = {"started": started, "config": asdict(cfg), "rows": rows, "verdicts": claims, **extra}
+    json_file = atomic_write(output / "bench.json", lambda t: t.write_text(json.dumps(payload, indent=1, default=str)))
+    md = f"# personalize bench ({started})\n\nsettings: {json.dumps(asdict(cfg))}\n" + summarise(rows)
+    if claims:
+        md += "\n### paired claims (sign test over runs paired by concept and seed)\n\n| claim | N | wins | losses | ties | mean diff | verdict |\n|---|---|---|---|---|---|---|\n"
+        md += "".join(f"| {c['claim']} | {c['n']} | {c['wins']} | {c['losses']} | {c['ties']} | "
+                      f"{c['mean_difference']:.3g} | {c['verdict']} |\n" for c in claims)
+    if extra.get("chosen_rates"):
+        md += f"\nchosen learning rates: {json.dumps(extra['chosen_rates'])}\n"
+    md_file = atomic_write(output / "bench.md", lambda t: t.write_text(md))
+    files = [json_file, md_file]
+    if any(r["suite"] == "embeddings" and "curve" in r for r in rows):
+        files.append(plot_alignment_curves(rows, output / "embeddings-curves.png"))
+    return files
+
+
+def plot_alignment_curves(rows: list[dict], path: Path) -> Path:
+    """BaTex's claim as curves: image and text alignment along training, TI and BaTex, mean ± one std over runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for method, colour in (("textual-inversion", "tab:blue"), ("batex", "tab:orange")):
+        runs = [r["curve"] for r in rows if r["suite"] == "embeddings" and r["method"] == method and "curve" in r]
+        if not runs:
+            continue
+        steps = sorted(int(s) for s in runs[0])
+        for ax, key in zip(axes[:2], ("image_alignment", "text_alignment")):
+            values = np.array([[run[str(s)][key] for s in steps] for run in runs])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, color=colour, label=f"{method} (N={len(runs)})")
+            ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.2)
+            ax.set_xlabel("training step")
+            ax.set_ylabel(key.replace("_", " "))
+        image = np.array([[run[str(s)]["image_alignment"] for s in steps] for run in runs]).mean(0)
+        text = np.array([[run[str(s)]["text_alignment"] for s in steps] for run in runs]).mean(0)
+        axes[2].plot(text, image, "o-", color=colour, label=method)
+        for s, x, y in zip(steps, text, image):
+            axes[2].annotate(str(s), (x, y), fontsize=7)
+    axes[2].set_xlabel("text alignment")
+    axes[2].set_ylabel("image alignment")
+    axes[2].set_title("the trade-off along training (labels: steps)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return path
