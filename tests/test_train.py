@@ -483,3 +483,12 @@ def test_an_artefact_that_reads_back_different_fails_the_run(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert str(tmp_path / artefact) in err and "did not read back identical" in err and "disk" in err
     assert json.loads((tmp_path / "run.json").read_text())["status"] != "finished"
+
+
+@pytest.mark.parametrize("verb", [["train", "--method", m] for m in ("textual-inversion", "batex", "dreambooth-lora", "dis2booth", "singleinsert")]
+                         + [["generate"], ["evaluate"], ["bench"], ["toyworld", "train-base"], ["plot"], ["presets"]])
+def test_every_help_page_prints(verb, capsys):
+    """argparse formats help with %: a '30 %' in an option's help once crashed `train --help`."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*verb, "--help"])
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out

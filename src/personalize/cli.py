@@ -43,7 +43,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) ->
             names.append(f"--{f.name}")
         names += f.metadata.get("aliases", [])
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             parser_action = argparse.BooleanOptionalAction
             group.add_argument(*names, action=parser_action, **kwargs)
