@@ -21,7 +21,7 @@ from .errors import PersonalizeError
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-SAMPLER_FILE = "personalize.json"  # a model folder's own recommended sampler settings: {"sampler": {...}}
+SAMPLER_FILE = "personalize.json"  # a model folder's own settings: {"sampler": {...}, "prompt_templates": {...}}
 SD_SAMPLER = {"inference_steps": 30, "guidance": 7.5}  # what SD 1.x/2.x/XL users draw with, for folders without one
 
 
@@ -32,6 +32,9 @@ class Backbone:
     pipe: object
     name: str
     sampler: dict = field(default_factory=lambda: dict(SD_SAMPLER))  # recommended steps / guidance of this model
+    # Training prompt templates in the model's own vocabulary, by set name ("object"), where its folder gives them:
+    # a model that never saw "photo" or "rendering" (the toy model) learns nothing from "a photo of a {}".
+    templates: dict = field(default_factory=dict)
     cache_prompt_embeddings: bool = False  # encode each distinct prompt once (only when nothing on the text side trains)
     tokenizers: list = field(init=False)
     text_encoders: list = field(init=False)
@@ -212,7 +215,8 @@ MODEL_HELP = (
 
 def load_backbone(spec: str, *, model_config: str | None = None) -> Backbone:
     """Load a base model from a built-in name, a diffusers folder, a single-file checkpoint or a hub id."""
-    return Backbone(pipe=_load_pipeline(str(spec), model_config), name=str(spec), sampler=sampler_settings(spec))
+    return Backbone(pipe=_load_pipeline(str(spec), model_config), name=str(spec), sampler=sampler_settings(spec),
+                    templates=_folder_settings(spec).get("prompt_templates", {}))
 
 
 def model_folder(spec: str) -> Path | None:
@@ -233,17 +237,26 @@ def model_folder(spec: str) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
-def sampler_settings(spec: str) -> dict:
-    """Sampler steps and guidance that suit a model: its folder's `personalize.json`, else SD's usual 30 / 7.5."""
+def _folder_settings(spec: str) -> dict:
+    """The model folder's `personalize.json` (empty where there is none)."""
     import json
 
     folder = model_folder(str(spec))
-    settings = dict(SD_SAMPLER)
-    if folder is not None and (folder / SAMPLER_FILE).is_file():
-        try:
-            settings.update(json.loads((folder / SAMPLER_FILE).read_text()).get("sampler", {}))
-        except (OSError, ValueError, AttributeError) as exc:
-            raise PersonalizeError(f"{folder / SAMPLER_FILE} is not readable JSON with a 'sampler' mapping ({exc})") from exc
+    if folder is None or not (folder / SAMPLER_FILE).is_file():
+        return {}
+    try:
+        settings = json.loads((folder / SAMPLER_FILE).read_text())
+        if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+            raise ValueError("every entry must be a mapping")
+        return settings
+    except (OSError, ValueError) as exc:
+        raise PersonalizeError(f"{folder / SAMPLER_FILE} is not readable JSON of mappings "
+                               f"('sampler', 'prompt_templates'): {exc}") from exc
+
+
+def sampler_settings(spec: str) -> dict:
+    """Sampler steps and guidance that suit a model: its folder's `personalize.json`, else SD's usual 30 / 7.5."""
+    settings = {**SD_SAMPLER, **_folder_settings(spec).get("sampler", {})}
     return {k: settings[k] for k in SD_SAMPLER}
 
 

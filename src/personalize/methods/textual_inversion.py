@@ -68,7 +68,8 @@ class TextualInversionConfig:
         metadata={"help": "a word close to the concept (e.g. 'cat'); its vector is the starting point", "aliases": ["--initializer_token"]},
     )
     num_vectors: int = field(default=1, metadata={"help": "vectors per placeholder (more = more capacity, less editability)"})
-    templates: str = field(default="object", metadata={"help": "training prompt templates", "choices": sorted(TEMPLATES)})
+    templates: str = field(default="object", metadata={"help": "training prompt templates (a model folder may give its own "
+                                                               "for a set: the toy model's 'object' set is 'a {}')", "choices": sorted(TEMPLATES)})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the trained vectors"})
     lora_rank: int = field(default=0, metadata={"help": "also train a rank-r LoRA of the UNet with the vectors (TI+LoRA); 0 = plain TI"})
     lora_lr: float | None = field(default=None, metadata={"help": "learning rate of that LoRA, used as given (default: the vectors' scaled rate / 5)"})
@@ -115,7 +116,8 @@ class TextualInversion(Method):
         n_images = len(captions or image_concepts or [None])
         image_concepts = image_concepts or [0] * n_images
         captions = captions or [None] * n_images
-        templates = TEMPLATES[self.config.templates]
+        # The model's own templates for this set where its folder gives them (Backbone.templates), else the paper's.
+        templates = self.backbone.templates.get(self.config.templates) or TEMPLATES[self.config.templates]
         prompts, choices = {}, []
         for image, concept_index in enumerate(image_concepts):
             token = self.concepts[concept_index].token
@@ -172,7 +174,10 @@ class TextualInversion(Method):
         prompts = []
         for concept in self.concepts:
             token = concept.token
-            if self.config.templates == "style":
+            model_templates = self.backbone.templates.get(self.config.templates)
+            if model_templates:  # the model's own vocabulary (Backbone.templates)
+                prompts += [model_templates[0].format(token)]
+            elif self.config.templates == "style":
                 prompts += [f"a painting in the style of {token}", f"a cat in the style of {token}"]
             else:
                 prompts += [f"a photo of {token}", f"a photo of {token} on the beach"]
