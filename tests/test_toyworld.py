@@ -171,6 +171,27 @@ def test_toy_model_carries_its_sampler_settings_and_the_command_line_wins(tmp_pa
     assert calls[1][1] == 7.0
 
 
+def test_a_model_folder_gives_its_own_training_templates_and_a_folder_without_them_gets_the_papers(tmp_path):
+    """The toy grammar never says "photo": TI on the toy model trains on "a <concept>" (the paper's "a photo of a
+    <concept>" left the README's star unlearned: 0.06 of samples), while any other folder keeps the paper's list."""
+    import shutil
+
+    from personalize.backbone import load_backbone
+    from personalize.methods.textual_inversion import OBJECT_TEMPLATES, TextualInversion, TextualInversionConfig
+    from personalize.toyworld import TOY_MODEL_DIR
+
+    toy = TextualInversion(TextualInversionConfig(init_word="star"), load_backbone("toy"))
+    assert toy.prompts == ["a <concept>"] and toy.validation_prompts() == ["a <concept>"]
+    plain = tmp_path / "plain"
+    shutil.copytree(TOY_MODEL_DIR, plain)
+    (plain / "personalize.json").unlink()
+    paper = TextualInversion(TextualInversionConfig(init_word="star"), load_backbone(str(plain)))
+    assert paper.prompts == [t.format("<concept>") for t in OBJECT_TEMPLATES]
+    (plain / "personalize.json").write_text('{"prompt_templates": ["a {}"]}')
+    with pytest.raises(PersonalizeError, match="personalize.json"):
+        load_backbone(str(plain))
+
+
 # -- the toy metrics and the bench's bookkeeping -----------------------------------------------------------------
 
 
