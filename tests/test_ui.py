@@ -205,8 +205,15 @@ def test_a_failed_job_says_why_in_the_clis_words(tmp_path):
 
 
 def test_stop_sends_ctrl_c_and_a_queued_job_is_dropped(tmp_path):
+    import signal
+
     jobs = JobManager(Workspace(tmp_path), python=fake_python(tmp_path, "exec sleep 30"))
-    running, waiting = jobs.submit("train", ["train"], "runs/a"), jobs.submit("train", ["train"], "runs/b")
+    # As in a UI started with `nohup ... &`: SIGINT ignored, which a child inherits unless the job manager resets it.
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        running, waiting = jobs.submit("train", ["train"], "runs/a"), jobs.submit("train", ["train"], "runs/b")
+    finally:
+        signal.signal(signal.SIGINT, saved)
     jobs.stop(waiting.id)
     assert waiting.state == "stopped"
     jobs.stop(running.id)

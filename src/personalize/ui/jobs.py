@@ -137,7 +137,8 @@ class JobManager:
         log.flush()
         proc = subprocess.Popen([self.python, "-m", "personalize.cli", *job.argv], cwd=self.workspace.root,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # its own session: the UI's Ctrl-C or death does not reach it
+                                start_new_session=True,  # its own session: the UI's Ctrl-C or death does not reach it
+                                preexec_fn=_default_sigint)
         log.close()
         self.processes[job.id] = proc
         job.state, job.pid, job.started = "running", proc.pid, time.time()
@@ -317,6 +318,13 @@ def _alive(pid: int | None) -> bool:
         except OSError:
             return False
     return b"personalize" in cmdline and state != "Z"
+
+
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C back to its default. A UI started in the background (`nohup ... &`, a
+    service) inherits SIGINT ignored, and so would every job: Stop's Ctrl-C would do nothing and the job would be
+    killed after the grace period instead of saving and stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal(pid: int | None, sig: int) -> None:
