@@ -21,7 +21,7 @@ from .errors import PersonalizeError
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-SAMPLER_FILE = "personalize.json"  # a model folder's own settings: {"sampler": {...}, "prompt_templates": {...}}
+SETTINGS_FILE = "personalize.json"  # a model folder's own settings: {"sampler": {...}, "prompt_templates": {...}}
 SD_SAMPLER = {"inference_steps": 30, "guidance": 7.5}  # what SD 1.x/2.x/XL users draw with, for folders without one
 
 
@@ -242,15 +242,15 @@ def _folder_settings(spec: str) -> dict:
     import json
 
     folder = model_folder(str(spec))
-    if folder is None or not (folder / SAMPLER_FILE).is_file():
+    if folder is None or not (folder / SETTINGS_FILE).is_file():
         return {}
     try:
-        settings = json.loads((folder / SAMPLER_FILE).read_text())
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
         if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
             raise ValueError("every entry must be a mapping")
         return settings
     except (OSError, ValueError) as exc:
-        raise PersonalizeError(f"{folder / SAMPLER_FILE} is not readable JSON of mappings "
+        raise PersonalizeError(f"{folder / SETTINGS_FILE} is not readable JSON of mappings "
                                f"('sampler', 'prompt_templates'): {exc}") from exc
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backbone import SETTINGS_FILE  # the model folder's own settings: sampler, training templates
 from ..errors import PersonalizeError
 from ..tiny import clip_tokenizer
 from .world import SIZE, training_sample
@@ -41,7 +42,6 @@ from .world import SIZE, training_sample
 log = logging.getLogger("personalize")
 VAE_GATE = 0.98  # every judge head on reconstructions of fresh renders
 LATENT_FACTOR = 4
-SAMPLER_FILE = "personalize.json"  # recommended sampler settings a model folder may carry
 # Training templates in the toy grammar: its captions never say "photo" or "rendering", whose token rows stay at
 # their random init, so the paper's "a photo of a {}" feeds the text encoder noise (measured: TI on the blue striped
 # star learns 0.06 with the paper's templates, 0.88 with "a {}"; 300 steps, 16 samples).
@@ -348,7 +348,7 @@ def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet, scheduler, s
     config = json.loads(config_file.read_text())
     config.update({"dtype": "float32", "torch_dtype": "float32"})
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-    (output / SAMPLER_FILE).write_text(json.dumps({"sampler": sampler or SAMPLER_DEFAULTS, "prompt_templates": PROMPT_TEMPLATES}, indent=1))
+    (output / SETTINGS_FILE).write_text(json.dumps({"sampler": sampler or SAMPLER_DEFAULTS, "prompt_templates": PROMPT_TEMPLATES}, indent=1))
 
 
 def train_base(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(), resume: bool = False) -> Path:
