@@ -272,7 +272,12 @@ def test_paper_settings_are_the_defaults(tmp_path, monkeypatch):
 
     def spy(self, batch, group):
         seen.append((group, len(batch.latents)))
-        return original(self, batch, group)
+        if len(seen) in (1, 51):  # each stage's first step runs the real losses at the real batch size
+            return original(self, batch, group)
+        # The other 148 only count rows: a zero loss on the stage's parameters keeps the loop, its optimisers and
+        # checkpoints exactly as they are, at a fraction of the time (the real losses at batch 16 cost ~40 s here).
+        loss = sum(p.sum() for p in self.param_groups()[group]) * 0.0
+        return loss, {"loss": loss.item()}
 
     rates = {}
     original_adamw = torch.optim.AdamW
