@@ -20,7 +20,7 @@ from ...errors import PersonalizeError
 from ...export import atomic_write
 from .base_model import suite_base_model
 from .batex import suite_embeddings
-from .common import (BenchConfig, concept_traits, paired, preview_curve, render_set, saturated, select_runs,
+from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, paired, preview_curve, render_set, saturated, select_runs,
                      steps_to_converge, subject_of, summarise)
 from .dis2booth import suite_dis2booth_scan, suite_distribution
 from .singleinsert import suite_singleinsert
@@ -70,7 +70,7 @@ def bench(cfg: BenchConfig) -> list[Path]:
     judge = ToyJudge.load()
     output = Path(cfg.output)
     work = output / "runs"
-    rows: list[dict] = []
+    rows: list[dict] = merged_rows(cfg)
     extra: dict = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for suite in cfg.suite:
@@ -78,12 +78,46 @@ def bench(cfg: BenchConfig) -> list[Path]:
         result = SUITES[suite](cfg, judge, work / suite)
         if suite == "lr-sweep":
             result, extra["chosen_rates"] = result
-        rows += result
+        rows = _unique(rows + result)
         extra.setdefault("suite_minutes", {})[suite] = round((time.monotonic() - suite_started) / 60, 1)
         _write(output, cfg, rows, started, extra)  # after every suite: a long bench that dies keeps what it measured
     if not cfg.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
     return _write(output, cfg, rows, started, extra)
+
+
+# What must agree for two benches' rows to share a table: the model, how it is sampled and how long runs train.
+MERGE_MUST_MATCH = ("model", "samples", "edit_samples", "inference_steps", "guidance", "steps")
+
+
+def merged_rows(cfg: BenchConfig) -> list[dict]:
+    """The rows of --merge's bench.json files, refusing a file measured on another model, sampling or rates."""
+    rows: list[dict] = []
+    for name in cfg.merge:
+        path = Path(name)
+        try:
+            earlier = json.loads(path.read_text())
+            earlier_cfg = BenchConfig(**{k: v for k, v in earlier["config"].items() if k in BenchConfig.__dataclass_fields__})
+            earlier_rows = earlier["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PersonalizeError(f"--merge {path}: not a bench.json this version can read ({error})") from error
+        differ = [k for k in MERGE_MUST_MATCH if getattr(earlier_cfg, k) != getattr(cfg, k)]
+        differ += [f"rate of {m}" for m in BENCH_LR if method_rate(earlier_cfg, m) != method_rate(cfg, m)]
+        if differ:
+            raise PersonalizeError(f"--merge {path}: measured with other settings ({', '.join(differ)}); its rows would not compare")
+        rows += earlier_rows
+    return _unique(rows)
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    """One row per (suite, method, concept, seed): the first measured (an untrained row every bench repeats, e.g.)."""
+    seen, out = set(), []
+    for row in rows:
+        key = (row["suite"], row["method"], row["concept"], row["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
 
 
 def verdicts(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..world import HELD_OUT, SHAPES
 from .common import (LOG, TOKEN, BenchConfig, concept_name, concept_traits, load_model, measure_embedding, method_rate,
-                     render_set, select_runs, steps_to_reach, train_run)
+                     render_set, run_seeds, select_runs, steps_to_reach, train_run)
 
 CURVE_POINTS = 3  # evaluations along each run (the last at the final step)
 
@@ -48,7 +48,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
                 rows.append({"suite": variant, "method": label, "concept": name, "seed": 0,
                              **measure_embedding(cfg, base, judge, subject, traits, references)})
         for label, method, method_cfg in select_runs(cfg, variant, _runs(variant, init, dim)):
-            for seed in range(cfg.seeds):
+            for seed in run_seeds(cfg):
                 out = work / name / f"{label.replace(' ', '_').replace('=', '')}-{seed}"
                 seconds, curve = 0.0, {}
                 for point in points:  # segments of one run: a resumed run continues exactly

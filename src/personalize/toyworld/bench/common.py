@@ -33,6 +33,7 @@ class BenchConfig:
     suite: list[str] = field(default_factory=lambda: ["embeddings"], metadata={"help": "which tables (see `personalize bench --help`)"})
     concepts: int = field(default=3, metadata={"help": "how many held-out concepts (or categories) to use"})
     seeds: int = field(default=3, metadata={"help": "training seeds per concept"})
+    first_seed: int = field(default=0, metadata={"help": "the first training seed (with --merge: extend an earlier bench by more seeds)"})
     steps: int | None = field(default=None, metadata={"help": "training steps of every run (default: each suite's)"})
     samples: int = field(default=32, metadata={"help": "images of the plain prompt per run"})
     edit_samples: int = field(default=8, metadata={"help": "images per editing prompt"})
@@ -42,6 +43,13 @@ class BenchConfig:
     methods: list[str] = field(default_factory=list, metadata={"help": "only the trained rows with these labels (as in bench.md); default all"})
     model: str = field(default="toy", metadata={"help": "the toy-world model to bench (a folder of the same world)"})
     rates: str | None = field(default=None, metadata={"help": "a bench.json of an lr-sweep whose chosen rates to use"})
+    merge: list[str] = field(default_factory=list, metadata={
+        "help": "earlier bench.json files (same model and sampling) whose rows join this bench's tables and verdicts"})
+
+
+def run_seeds(cfg: BenchConfig) -> range:
+    """The training seeds of every trained row: --first-seed, … (--seeds of them)."""
+    return range(cfg.first_seed, cfg.first_seed + cfg.seeds)
 
 
 # -- the world's training sets ---------------------------------------------------------------------------------

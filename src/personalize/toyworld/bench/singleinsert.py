@@ -20,7 +20,7 @@ from ...evaluate.protocols import TOY_ESR
 from ..judge import pair_shows
 from ..world import HELD_OUT
 from .common import (LOG, BenchConfig, Sampler, TI_LORA_LR, concept_name, concept_traits, load_model, measure_embedding,
-                     method_rate, render_set, save_grid, select_runs, subject_of, train_run)
+                     method_rate, render_set, run_seeds, save_grid, select_runs, subject_of, train_run)
 
 SOURCE_BACKGROUND = "pink"  # a background no edit prompt asks for
 COMPOSED = ("singleinsert: full (+L_sm)", "textual-inversion (1 image)", "textual-inversion + LoRA (1 image)")
@@ -58,7 +58,7 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         source = render_set(folder, 1, seed=2, masks=True, background=SOURCE_BACKGROUND, size="large",
                             position="center", **traits)
         for label, method, method_cfg in _runs(cfg, traits, token):
-            for seed in range(cfg.seeds):
+            for seed in run_seeds(cfg):
                 out = work / name / f"{label.replace(' ', '_').replace(':', '').replace('+', 'p')}-{seed}"
                 steps = (method_cfg.stage1_steps + method_cfg.stage2_steps if method == "singleinsert"
                          else 300 if cfg.steps is None else cfg.steps)
@@ -90,7 +90,7 @@ def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
     """Two single-image concepts trained apart, loaded together: "a S1 next to a S2" must show both."""
     rows, sample = [], Sampler(cfg)
     for label in COMPOSED:
-        for seed in range(cfg.seeds):
+        for seed in run_seeds(cfg):
             for a, b in ((0, 1), (1, 2), (0, 2)):
                 if (label, a, seed) not in runs_of or (label, b, seed) not in runs_of:
                     continue
