@@ -1,5 +1,6 @@
 """The toy world: exact renders and masks, captions from real CLIP words, held-out concepts, the judge."""
 
+import json
 import random
 from pathlib import Path
 
@@ -359,6 +360,36 @@ def test_paired_claims_give_a_verdict_only_past_the_noise():
     assert paired(rows, "x", "A", "B", higher_is_better=False)["verdict"] == "reversed"
     mixed = [dict(r, x=r["x"] if (r["seed"] + ord(r["concept"])) % 2 else -r["x"]) for r in rows]
     assert paired(mixed, "x", "A", "B")["verdict"] == "inside noise"
+
+
+def test_a_bench_extended_by_more_seeds_merges_the_earlier_rows_and_refuses_other_settings(tmp_path, monkeypatch):
+    """--first-seed 1 --seeds 2 --merge earlier/bench.json gives the table and the paired verdict of 3 seeds; a file
+    measured on other sampling settings is refused by name; an untrained row both benches measure is kept once."""
+    from personalize.errors import PersonalizeError
+    from personalize.toyworld import bench as B
+    from personalize.toyworld.bench.common import run_seeds
+
+    def fake_suite(cfg, judge, work):  # "embeddings" rows: A beats B on every seed run
+        rows = [{"suite": "embeddings", "method": "base", "concept": "c", "seed": 0, "text_alignment": 0.1}]
+        for seed in run_seeds(cfg):
+            rows += [{"suite": "embeddings", "method": m, "concept": "c", "seed": seed, "text_alignment": v + seed}
+                     for m, v in (("batex", 1.0), ("textual-inversion", 0.5))]
+        return rows
+
+    monkeypatch.setitem(B.SUITES, "embeddings", fake_suite)
+    B.bench(B.BenchConfig(output=str(tmp_path / "first"), seeds=1))
+    B.bench(B.BenchConfig(output=str(tmp_path / "more"), seeds=2, first_seed=1, merge=[str(tmp_path / "first" / "bench.json")]))
+    merged = json.loads((tmp_path / "more" / "bench.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in merged["rows"]) == [
+        ("base", 0), ("batex", 0), ("batex", 1), ("batex", 2),
+        ("textual-inversion", 0), ("textual-inversion", 1), ("textual-inversion", 2)]
+    claim = next(c for c in merged["verdicts"] if c["claim"].endswith("on text_alignment"))
+    assert (claim["n"], claim["wins"]) == (3, 3)
+    with pytest.raises(PersonalizeError, match="first/bench.json.*samples"):
+        B.bench(B.BenchConfig(output=str(tmp_path / "other"), samples=8, merge=[str(tmp_path / "first" / "bench.json")]))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(PersonalizeError, match="broken.json"):
+        B.bench(B.BenchConfig(output=str(tmp_path / "other"), merge=[str(tmp_path / "broken.json")]))
 
 
 def test_edit_list_judges_each_edit_and_the_composition():
