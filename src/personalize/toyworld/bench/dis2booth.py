@@ -6,7 +6,7 @@ comparable only at the same N), Textual Inversion, DreamBooth-LoRA (at the same 
 updates as Dis²Booth makes: `Dis2Booth.updates_per_run`), Dis²Booth with Algorithm 1, each of its losses ablated,
 the synchronous ablation, and the folded schedule. Columns: judge-feature Fréchet distance to 128 held-out renders
 of the category (the toy FID), judge-feature diversity (the toy LPIPS-DIV), share keeping the common trait,
-optimizer updates. `dis2booth-scan`: λ and γ (eq. 14) over four decades, on the first category.
+optimizer updates. `dis2booth-scan`: λ and γ (eq. 14) over four decades, on each category (`--concepts`).
 """
 
 from __future__ import annotations
@@ -90,15 +90,15 @@ def suite_dis2booth_scan(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     from ...methods import Dis2Booth, Dis2BoothConfig
 
     rows, n_generated = [], max(cfg.samples, 2)
-    name, traits = next(iter(CATEGORIES.items()))
-    class_word = traits.get("shape", "shape")
-    _, heldout, _ = _category(work, name, traits, n_generated)
     steps = DIS2BOOTH_STEPS if cfg.steps is None else cfg.steps
-    for lam, gamma in SCAN:
-        d2b = Dis2BoothConfig(class_word=class_word, warmup_steps=steps // 3, contextual_loss_weight=lam, delta_loss_weight=gamma)
-        label = f"dis2booth λ={lam:g} γ={gamma:g}"
-        if select_runs(cfg, "dis2booth-scan", [(label,)]):
-            for row in _measure(cfg, judge, work, name, traits, heldout, n_generated, label, "dis2booth", d2b, steps,
-                                Dis2Booth.updates_per_run(d2b, steps)):
-                rows.append({**row, "suite": "dis2booth-scan", "lambda": lam, "gamma": gamma})
+    for name, traits in list(CATEGORIES.items())[: cfg.concepts]:  # the protocol's ≥ 3 categories × ≥ 3 seeds per cell
+        class_word = traits.get("shape", "shape")
+        _, heldout, _ = _category(work, name, traits, n_generated)
+        for lam, gamma in SCAN:
+            d2b = Dis2BoothConfig(class_word=class_word, warmup_steps=steps // 3, contextual_loss_weight=lam, delta_loss_weight=gamma)
+            label = f"dis2booth λ={lam:g} γ={gamma:g}"
+            if select_runs(cfg, "dis2booth-scan", [(label,)]):
+                for row in _measure(cfg, judge, work, name, traits, heldout, n_generated, label, "dis2booth", d2b, steps,
+                                    Dis2Booth.updates_per_run(d2b, steps)):
+                    rows.append({**row, "suite": "dis2booth-scan", "lambda": lam, "gamma": gamma})
     return rows
