@@ -20,8 +20,8 @@ from ...errors import PersonalizeError
 from ...export import atomic_write
 from .base_model import suite_base_model
 from .batex import suite_embeddings
-from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, paired, preview_curve, render_set, saturated, select_runs,
-                     steps_to_converge, subject_of, summarise)
+from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, paired, preview_curve, render_set, saturated,
+                     select_runs, steps_to_converge, subject_of, summarise)
 from .dis2booth import suite_dis2booth_scan, suite_distribution
 from .singleinsert import suite_singleinsert
 from .sweep import suite_lr_sweep

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ...evaluate import toy as T
 from ..world import CATEGORIES
-from .common import LOG, BenchConfig, Sampler, load_model, method_rate, render_set, run_seeds, save_grid, select_runs, subject_of, train_run
+from .common import (LOG, BenchConfig, Sampler, load_model, method_rate, render_set, run_seeds, save_grid, select_runs,
+                     subject_of, train_run)
 
 DIS2BOOTH_STEPS = 120  # iterations: 40 warm-up + 80 of Algorithm 1 (12 updates each at k = 5)
 
