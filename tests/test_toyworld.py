@@ -409,3 +409,17 @@ def test_edit_list_judges_each_edit_and_the_composition():
     prompt, obeyed, kept = edits["composition"]
     assert prompt == "a <c> next to a green heart" and obeyed(pair) and kept(pair)
     assert not kept({**pair, "right": {**pair["right"], "pattern": "dotted"}}) and not obeyed(one)
+
+
+def test_the_bench_vit_encoder_is_one_fixed_init_that_singleinsert_loads(tmp_path):
+    import torch
+
+    from personalize.methods.singleinsert import ClipVit, SmallCNN
+    from personalize.toyworld.bench.singleinsert import vit_encoder
+
+    first, second = ClipVit(str(vit_encoder(tmp_path / "a"))), ClipVit(str(vit_encoder(tmp_path / "b")))
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name  # every run of the Table 3 row starts from the same encoder
+    params = sum(p.numel() for p in first.parameters())
+    assert 0.5 < params / sum(p.numel() for p in SmallCNN().parameters()) < 2  # the CNN's size: architecture, not scale
+    assert first(torch.zeros(2, 3, 64, 64)).shape == (2, 128)

@@ -20,6 +20,7 @@ from .common import (LOG, BenchConfig, Sampler, load_model, method_rate, render_
                      subject_of, train_run)
 
 DIS2BOOTH_STEPS = 120  # iterations: 40 warm-up + 80 of Algorithm 1 (12 updates each at k = 5)
+EQUAL_UPDATES = "dreambooth-lora: as many updates as dis2booth"  # the count is the row's `updates` column
 
 
 def _category(work: Path, name: str, traits: dict, n_generated: int):
@@ -67,7 +68,7 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         runs = [
             ("textual-inversion", "textual-inversion", TextualInversionConfig(init_word=class_word), ti_steps, ti_steps),
             ("dreambooth-lora", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word), steps, steps),
-            (f"dreambooth-lora: as many updates ({updates})", "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word),
+            (EQUAL_UPDATES, "dreambooth-lora", DreamBoothLoraConfig(class_word=class_word),
              updates, updates),
             ("dis2booth", "dis2booth", d2b, steps, updates),
             ("dis2booth: no contextual loss", "dis2booth", replace(d2b, contextual_loss=False), steps,
