@@ -67,6 +67,16 @@ def test_two_object_scenes_have_one_exact_mask_per_object():
     assert describe(scene) == "a large red circle on the left and a small blue square on the right on a gray background"
     texts = {caption(scene, random.Random(i)) for i in range(200)}
     assert any(" next to " in t for t in texts) and any(t.startswith("a ") and " on the left and " in t for t in texts)
+    # "next to" reads left to right: the left object (the circle) is always named first
+    assert all(t.index("circle") < t.index("square") for t in texts if " next to " in t)
+
+
+def test_a_one_object_caption_names_its_position_also_at_the_centre():
+    scene = Scene("star", "blue", "striped", "pink", "large", "center")
+    assert describe(scene) == "a large blue striped star on a pink background, center"
+    texts = [caption(scene, random.Random(i)) for i in range(200)]
+    named = sum(t.endswith(", center") for t in texts) / len(texts)
+    assert 0.6 < named < 0.9  # named unless dropped (drop 0.25): an unnamed position means "anywhere"
     assert random_pair(random.Random(5)) == random_pair(random.Random(5))
 
 

@@ -254,6 +254,9 @@ def cmd_toyworld(argv: list[str]) -> int:
         for key, value in defaults.items():
             stage.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, dest=key, help=f"(default: {value})")
         stage.add_argument("--resume", action="store_true", help="continue the stage's checkpoint in OUTPUT")
+    sub.choices["train-base"].add_argument(
+        "--stop-after-minutes", type=float, default=None,
+        help="end the UNet stage at the first step past this wall time and save it (training.json records the step)")
     judge = sub.add_parser("train-judge", help="train the attribute judge on fresh renders")
     judge.add_argument("--output", default=None, help="default: the package's toyworld/weights/judge.safetensors")
     judge.add_argument("--steps", type=int, default=4000)
@@ -276,7 +279,7 @@ def cmd_toyworld(argv: list[str]) -> int:
         return 0 if gate_passed(report) else 1
     from .toyworld.base_model import train_base
 
-    out = train_base(a.output, cfg, resume=a.resume)
+    out = train_base(a.output, cfg, resume=a.resume, stop_after_minutes=a.stop_after_minutes)
     print(f"toy base model written to {out}")
     return 0
 

@@ -2,7 +2,8 @@
 
 A scene is one or two objects (shape, colour, pattern, size) on a plain background colour. One object stands at
 one of five positions; two objects stand side by side, the first on the left, the second on the right
-("a red circle on the left and a blue square on the right", "a small purple cross next to a large green heart").
+("a red circle on the left and a blue square on the right", "a small purple cross next to a large green heart": the
+first named is on the left in both forms).
 Everything is seeded and exact, so a judge can check what a model drew and every method's effect can be
 measured on a CPU.
 
@@ -218,20 +219,22 @@ def _kept(thing: Thing, rng: random.Random, drop: float) -> dict[str, bool]:
 
 
 def caption(scene: Scene, rng: random.Random, drop: float = 0.25) -> str:
-    """A caption from the grammar, with attributes dropped at random (held-out combinations never whole)."""
+    """A caption from the grammar, with attributes dropped at random (held-out combinations never whole).
+
+    Every word says where: a named position is named for the centre too (", center"), and "X next to Y" always
+    reads left to right like "X on the left and Y on the right", so each object's words are bound to a place.
+    (Toy world 2's first model, trained without either, drew named positions at 0.47 and bound "next to" at 0.41.)
+    """
     if scene.second is None:
         text = _phrase(scene.first, _kept(scene.first, rng, drop))
         keep_position = rng.random() >= drop
     else:
         left, right = (_phrase(t, _kept(t, rng, drop)) for t in scene.things)
-        if rng.random() < 0.5:
-            text = f"{left} on the left and {right} on the right"
-        else:  # either order: "next to" does not say which side
-            text = f"{left} next to {right}" if rng.random() < 0.5 else f"{right} next to {left}"
+        text = f"{left} on the left and {right} on the right" if rng.random() < 0.5 else f"{left} next to {right}"
         keep_position = False
     if rng.random() >= drop:
         text += f" on a {scene.background} background"
-    if keep_position and scene.position != "center":
+    if keep_position:
         text += f", {scene.position}"
     return text
 
@@ -240,9 +243,7 @@ def describe(scene: Scene) -> str:
     """The full caption (for prompts and judging)."""
     everything = {"size": True, "colour": True, "pattern": True}
     if scene.second is None:
-        text = _phrase(scene.first, everything)
-        position = f", {scene.position}" if scene.position != "center" else ""
-        return f"{text} on a {scene.background} background{position}"
+        return f"{_phrase(scene.first, everything)} on a {scene.background} background, {scene.position}"
     left, right = (_phrase(t, everything) for t in scene.things)
     return f"{left} on the left and {right} on the right on a {scene.background} background"
 

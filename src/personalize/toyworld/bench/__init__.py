@@ -22,7 +22,7 @@ from .base_model import suite_base_model
 from .batex import suite_embeddings
 from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, paired, preview_curve, render_set, saturated,
                      select_runs, steps_to_converge, subject_of, summarise)
-from .dis2booth import EQUAL_UPDATES, suite_dis2booth_scan, suite_distribution
+from .dis2booth import EQUAL_UPDATES, SCAN, scan_label, suite_dis2booth_scan, suite_distribution
 from .singleinsert import suite_singleinsert
 from .sweep import suite_lr_sweep
 
@@ -72,6 +72,10 @@ CLAIMS = [  # (suite, metric, A, B, higher is better): each paper's "A beats B",
     ("distribution", "frechet", "dis2booth", "dis2booth: no contextual loss", False),
     ("distribution", "frechet", "dis2booth", "dis2booth: no delta loss", False),
     ("distribution", "frechet", "dis2booth", "dis2booth: synchronous", False),
+    # eq. 14's weights: the paper fixes λ = 1e-5, γ = 1e-6 and scans nothing; does any larger cell of the scan do
+    # better on closeness to the category (Fréchet) or on diversity?
+    *(("dis2booth-scan", metric, scan_label(*SCAN[0]), scan_label(*cell), higher)
+      for cell in SCAN[1:] for metric, higher in (("frechet", False), ("diversity", True))),
 ]
 
 __all__ = ["SUITES", "BenchConfig", "bench", "concept_traits", "preview_curve", "render_set", "select_runs",

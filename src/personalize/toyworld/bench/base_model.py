@@ -16,9 +16,7 @@ from ..judge import pair_shows
 from ..world import HELD_OUT, describe, random_pair, random_scene
 from .common import BenchConfig, Sampler, concept_name, concept_traits, load_model, save_grid
 
-ONE_OBJECT = ("shape", "colour", "pattern", "background", "size")  # what a full caption always names
-# Position is named only when it is not the centre (the caption grammar has no word "center", as before), so it is
-# read back only for the scenes whose caption names it: "position (named)".
+ONE_OBJECT = ("shape", "colour", "pattern", "background", "size", "position")  # what a full caption always names
 
 
 def suite_base_model(cfg: BenchConfig, judge, work: Path) -> list[dict]:
@@ -32,8 +30,6 @@ def suite_base_model(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     row = {"suite": "base-model", "method": f"{n} random one-object scenes, full caption", "concept": "all", "seed": 0}
     for attribute in ONE_OBJECT:
         row[attribute] = sum(r[attribute] == getattr(s, attribute) for r, s in zip(readings, scenes)) / n
-    named = [(r, s) for r, s in zip(readings, scenes) if s.position != "center"]
-    row["position_named"] = sum(r["position"] == s.position for r, s in named) / max(1, len(named))
     row["one_object"] = sum(r["objects"] == "one" for r in readings) / n
     row["every_attribute"] = sum(all(r[a] == getattr(s, a) for a in ONE_OBJECT) for r, s in zip(readings, scenes)) / n
     rows.append(row)
@@ -50,6 +46,9 @@ def suite_base_model(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                 for r, p in zip(readings, pairs)]
         pair_row = {"suite": "base-model", "method": f"{n} two-object prompts: {form}", "concept": "all", "seed": 0,
                     "two_objects": sum(r["objects"] == "two" for r in readings) / n, "both_colour_and_shape": sum(both) / n}
+        # both forms read left to right: the first object named is drawn on the left
+        pair_row["in_order"] = sum(r["objects"] == "two" and (r["left"]["shape"], r["right"]["shape"]) == (p.shape, p.second.shape)
+                                   for r, p in zip(readings, pairs)) / n
         if exact_sides:
             for attribute in ("shape", "colour", "pattern", "size"):
                 pair_row[attribute] = statistics.mean(

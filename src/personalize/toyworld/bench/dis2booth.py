@@ -88,6 +88,11 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
 SCAN = ((1e-5, 1e-6), (1e-3, 1e-4), (1e-1, 1e-2), (1.0, 1.0))  # (λ, γ): the paper's, then ×100 each
 
 
+def scan_label(lam: float, gamma: float) -> str:
+    """The scan row of one (λ, γ) cell, as bench.md and the claims name it."""
+    return f"dis2booth λ={lam:g} γ={gamma:g}"
+
+
 def suite_dis2booth_scan(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     from ...methods import Dis2Booth, Dis2BoothConfig
 
@@ -98,7 +103,7 @@ def suite_dis2booth_scan(cfg: BenchConfig, judge, work: Path) -> list[dict]:
         _, heldout, _ = _category(work, name, traits, n_generated)
         for lam, gamma in SCAN:
             d2b = Dis2BoothConfig(class_word=class_word, warmup_steps=steps // 3, contextual_loss_weight=lam, delta_loss_weight=gamma)
-            label = f"dis2booth λ={lam:g} γ={gamma:g}"
+            label = scan_label(lam, gamma)
             if select_runs(cfg, "dis2booth-scan", [(label,)]):
                 for row in _measure(cfg, judge, work, name, traits, heldout, n_generated, label, "dis2booth", d2b, steps,
                                     Dis2Booth.updates_per_run(d2b, steps)):
