@@ -64,7 +64,7 @@ def test_two_object_scenes_have_one_exact_mask_per_object():
     assert (np.abs(pixels[_interior(masks[1])] - COLOURS["blue"]).max(axis=1) <= 40).mean() > 0.95
     assert masks[0].sum() > masks[1].sum()  # large vs small
     assert np.array_equal(render(scene)[1], masks[0] | masks[1])
-    assert describe(scene) == "a large red circle on the left and a small blue square on the right on a gray background"
+    assert describe(scene) == "a large red plain circle on the left and a small blue plain square on the right on a gray background"
     texts = {caption(scene, random.Random(i)) for i in range(200)}
     assert any(" next to " in t for t in texts) and any(t.startswith("a ") and " on the left and " in t for t in texts)
     # "next to" reads left to right: the left object (the circle) is always named first

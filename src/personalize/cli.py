@@ -257,6 +257,8 @@ def cmd_toyworld(argv: list[str]) -> int:
     sub.choices["train-base"].add_argument(
         "--stop-after-minutes", type=float, default=None,
         help="end the UNet stage at the first step past this wall time and save it (training.json records the step)")
+    sub.choices["train-base"].add_argument(
+        "--init-from", default=None, help="continue from this model folder's UNet and text encoder instead of random weights")
     judge = sub.add_parser("train-judge", help="train the attribute judge on fresh renders")
     judge.add_argument("--output", default=None, help="default: the package's toyworld/weights/judge.safetensors")
     judge.add_argument("--steps", type=int, default=4000)
@@ -279,7 +281,7 @@ def cmd_toyworld(argv: list[str]) -> int:
         return 0 if gate_passed(report) else 1
     from .toyworld.base_model import train_base
 
-    out = train_base(a.output, cfg, resume=a.resume, stop_after_minutes=a.stop_after_minutes)
+    out = train_base(a.output, cfg, resume=a.resume, stop_after_minutes=a.stop_after_minutes, init_from=a.init_from)
     print(f"toy base model written to {out}")
     return 0
 

@@ -294,12 +294,14 @@ def _encoded_pool(output: Path, vae, cfg: ToyTrainingConfig, pool, device):
 
 
 def train_unet(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(), resume: bool = False, pool=None,
-               stop_after_minutes: float | None = None) -> Path:
+               stop_after_minutes: float | None = None, init_from: str | Path | None = None) -> Path:
     """Train the UNet and text encoder on the gated VAE's latents; save the pipeline into `output`.
 
     `stop_after_minutes` ends the stage early, at the first step past that wall time, and saves it as if
     `unet_steps` had been that step (the lr is constant after warm-up, so nothing else depends on the total);
-    training.json records the step reached. For a lent machine of fixed time."""
+    training.json records the step reached. For a lent machine of fixed time. `init_from` (a model folder of the
+    same architecture) starts the UNet and text encoder from its weights instead of at random: a continued training,
+    recorded in training.json with the earlier model's own record."""
     from diffusers import StableDiffusionPipeline
 
     output = Path(output)
@@ -309,6 +311,8 @@ def train_unet(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(),
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     _, text_encoder, unet, scheduler = build_parts()
+    if init_from is not None:
+        _load_weights(Path(init_from), unet, text_encoder)
     unet, text_encoder = unet.to(device), text_encoder.to(device)
     tokenizer = clip_tokenizer()
     mean, std, captions = _encoded_pool(output, vae, cfg, pool, device)
@@ -371,11 +375,28 @@ def train_unet(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(),
             })
     progress.close()
     save_pipeline(output, vae.cpu(), ema_text.cpu(), tokenizer, ema_unet.cpu(), scheduler)
-    (output / "training.json").write_text(json.dumps({
-        **asdict(cfg), "final_loss": float(np.mean(losses[-200:])), "device": str(device),
-        "vae_gate": json.loads((output / "vae" / "gate.json").read_text()),
-    }, indent=1))
+    record = {**asdict(cfg), "final_loss": float(np.mean(losses[-200:])), "device": str(device),
+              "vae_gate": json.loads((output / "vae" / "gate.json").read_text())}
+    if init_from is not None:
+        earlier = Path(init_from) / "training.json"
+        record["continued_from"] = json.loads(earlier.read_text()) if earlier.exists() else str(init_from)
+    (output / "training.json").write_text(json.dumps(record, indent=1))
     return output
+
+
+def _load_weights(folder: Path, unet, text_encoder) -> None:
+    """The UNet's and text encoder's weights of a saved toy model, into freshly built parts (float32)."""
+    from safetensors.torch import load_file
+
+    for module, file in ((unet, folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                         (text_encoder, folder / "text_encoder" / "model.safetensors")):
+        if not file.exists():
+            raise PersonalizeError(f"--init-from {folder}: no {file.relative_to(folder)}")
+        state = {k: v.float() for k, v in load_file(file).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise PersonalizeError(f"--init-from {folder}: {file.name} does not fit this architecture "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet, scheduler, sampler: dict | None = None) -> None:
@@ -394,7 +415,7 @@ def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet, scheduler, s
 
 
 def train_base(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(), resume: bool = False,
-               stop_after_minutes: float | None = None) -> Path:
+               stop_after_minutes: float | None = None, init_from: str | Path | None = None) -> Path:
     """Both stages: the VAE (skipped when `output`/vae already passed its gate), then the UNet."""
     output = Path(output)
     gate_file = output / "vae" / "gate.json"
@@ -402,4 +423,4 @@ def train_base(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(),
     if not (gate_file.exists() and json.loads(gate_file.read_text())["passed"]):
         pool = sample_pool(cfg.pool_size, cfg.seed)
         train_vae(output, cfg, resume=resume, pool=pool[0])
-    return train_unet(output, cfg, resume=resume, pool=pool, stop_after_minutes=stop_after_minutes)
+    return train_unet(output, cfg, resume=resume, pool=pool, stop_after_minutes=stop_after_minutes, init_from=init_from)
