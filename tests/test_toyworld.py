@@ -357,6 +357,41 @@ def test_base_model_training_gates_its_vae_and_resumes_exactly(tmp_path, monkeyp
     assert sampler == {"inference_steps": 25, "guidance": 4.0}
 
 
+def test_the_scene_pool_is_the_same_for_any_number_of_render_workers(monkeypatch):
+    import torch
+
+    import personalize.toyworld.base_model as B
+
+    monkeypatch.setattr(B, "POOL_CHUNK", 4)  # 3 chunks of 4, 4 and 2 scenes, each from its own seed
+    one_images, one_captions = B.sample_pool(10, seed=3, workers=1)
+    three_images, three_captions = B.sample_pool(10, seed=3, workers=3)
+    assert one_captions == three_captions and torch.equal(one_images, three_images)
+    assert one_images.shape == (10, 3, SIZE, SIZE) and B.sample_pool(10, seed=4, workers=1)[1] != one_captions
+
+
+def test_a_continued_training_starts_from_the_earlier_model_and_a_time_limit_records_the_step_reached(tmp_path):
+    """--init-from loads the earlier UNet and text encoder (stopped before its first step, the saved model is the
+    earlier one, up to fp16), and --stop-after-minutes saves the step it reached as unet_steps in training.json."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    import personalize.toyworld.base_model as B
+
+    shutil.copytree(TOY_MODEL_DIR / "vae", tmp_path / "vae")  # the shipped model's gated VAE
+    cfg = B.ToyTrainingConfig(pool_size=8, unet_steps=50, batch=2, warmup_steps=2)
+    B.train_unet(tmp_path, cfg, init_from=TOY_MODEL_DIR, stop_after_minutes=1e-9)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["unet_steps"] == 0 and record["continued_from"]["batch"] == 128
+    for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        saved, earlier = load_file(str(tmp_path / part / file)), load_file(str(TOY_MODEL_DIR / part / file))
+        assert saved.keys() == earlier.keys() and all(torch.equal(saved[k], earlier[k]) for k in saved), part
+    with pytest.raises(PersonalizeError, match="init-from"):
+        B.train_unet(tmp_path, cfg, init_from=tmp_path / "nowhere", stop_after_minutes=1e-9)
+
+
 def test_paired_claims_give_a_verdict_only_past_the_noise():
     from personalize.toyworld.bench.common import paired, sign_test
 

@@ -375,7 +375,7 @@ def train_unet(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(),
             })
     progress.close()
     save_pipeline(output, vae.cpu(), ema_text.cpu(), tokenizer, ema_unet.cpu(), scheduler)
-    record = {**asdict(cfg), "final_loss": float(np.mean(losses[-200:])), "device": str(device),
+    record = {**asdict(cfg), "final_loss": float(np.mean(losses[-200:])) if losses else None, "device": str(device),
               "vae_gate": json.loads((output / "vae" / "gate.json").read_text())}
     if init_from is not None:
         earlier = Path(init_from) / "training.json"
