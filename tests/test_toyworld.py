@@ -392,6 +392,14 @@ def test_a_continued_training_starts_from_the_earlier_model_and_a_time_limit_rec
         B.train_unet(tmp_path, cfg, init_from=tmp_path / "nowhere", stop_after_minutes=1e-9)
 
 
+def test_the_lr_sweep_keeps_one_row_per_rate_and_a_repeated_row_once():
+    from personalize.toyworld.bench import _unique
+
+    sweep = [{"suite": "lr-sweep", "method": "batex", "concept": "c", "seed": 0, "lr": lr} for lr in (7e-3, 2e-2, 6e-2)]
+    untrained = {"suite": "s", "method": "base", "concept": "c", "seed": 0}
+    assert _unique(sweep + [untrained, dict(untrained)]) == sweep + [untrained]
+
+
 def test_paired_claims_give_a_verdict_only_past_the_noise():
     from personalize.toyworld.bench.common import paired, sign_test
 

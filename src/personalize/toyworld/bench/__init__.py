@@ -133,10 +133,11 @@ def merged_rows(cfg: BenchConfig) -> list[dict]:
 
 
 def _unique(rows: list[dict]) -> list[dict]:
-    """One row per (suite, method, concept, seed): the first measured (an untrained row every bench repeats, e.g.)."""
+    """One row per (suite, method, concept, seed, lr): the first measured (an untrained row every bench repeats, e.g.).
+    The rate is part of the key: the lr-sweep's rows differ by it alone."""
     seen, out = set(), []
     for row in rows:
-        key = (row["suite"], row["method"], row["concept"], row["seed"])
+        key = (row["suite"], row["method"], row["concept"], row["seed"], row.get("lr"))
         if key not in seen:
             seen.add(key)
             out.append(row)
