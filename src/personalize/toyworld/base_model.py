@@ -362,11 +362,13 @@ def train_unet(output: str | Path, cfg: ToyTrainingConfig = ToyTrainingConfig(),
         pending.append(loss.detach())  # read back every 50 steps: a .item() per step would stall a GPU each step
         step += 1
         progress.update(1)
-        if step % 50 == 0 or step == cfg.unet_steps or time.monotonic() > min(next_save, deadline):
+        now = time.monotonic()
+        saving = now > next_save or step == cfg.unet_steps or now > deadline
+        if step % 50 == 0 or saving:
             losses += torch.stack(pending).float().cpu().tolist()
             pending.clear()
             progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if time.monotonic() > next_save or step == cfg.unet_steps or time.monotonic() > deadline:
+        if saving:
             next_save = time.monotonic() + cfg.checkpoint_minutes * 60
             _save_state(checkpoint, {
                 "unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
