@@ -445,6 +445,17 @@ def test_a_bench_extended_by_more_seeds_merges_the_earlier_rows_and_refuses_othe
         B.bench(B.BenchConfig(output=str(tmp_path / "other"), merge=[str(tmp_path / "broken.json")]))
 
 
+def test_concept_index_splits_a_bench_by_concept_keeping_each_concepts_own_index():
+    """--concept-index 2 runs only the third held-out concept, under the index (and so the token) it has in a full
+    bench: split runs join a full bench's rows without renaming anything."""
+    from personalize.toyworld.bench.common import BenchConfig, chosen_concepts
+    from personalize.toyworld.world import HELD_OUT
+
+    assert chosen_concepts(BenchConfig(concepts=3), HELD_OUT) == list(enumerate(HELD_OUT[:3]))
+    assert chosen_concepts(BenchConfig(concepts=3, concept_index=[2]), HELD_OUT) == [(2, HELD_OUT[2])]
+    assert chosen_concepts(BenchConfig(concepts=2, concept_index=[2]), HELD_OUT) == []  # beyond --concepts: nothing
+
+
 def test_edit_list_judges_each_edit_and_the_composition():
     from personalize.toyworld.bench.common import edit_list
 

@@ -213,6 +213,17 @@ MODEL_HELP = (
 )
 
 
+def sampling_device() -> torch.device:
+    """Where `generate` and the bench draw: the GPU when there is one (as the trainer's Accelerator picks), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seeded_noise(seed: int) -> torch.Generator:
+    """A sampler's generator for one image, seeded on the CPU: diffusers draws the starting noise there and moves it,
+    so a seed gives the same image start on any device (a CUDA generator would draw other numbers)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def load_backbone(spec: str, *, model_config: str | None = None) -> Backbone:
     """Load a base model from a built-in name, a diffusers folder, a single-file checkpoint or a hub id."""
     return Backbone(pipe=_load_pipeline(str(spec), model_config), name=str(spec), sampler=sampler_settings(spec),

@@ -145,7 +145,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from .backbone import load_backbone
+    from .backbone import load_backbone, sampling_device
     from .concepts import renamed
     from .generate import generate_images, install_concept, make_grid, run_settings, save_png
 
@@ -187,6 +187,7 @@ def cmd_generate(argv: list[str]) -> int:
             advice = " ".join(["--token ''"] * i + [f"--token '{renamed(exc.placeholder)}'"])
             raise PersonalizeError(f"--concept {concept}: the placeholder {exc.placeholder!r} is taken (a word of the "
                                    f"tokenizer, or an earlier --concept's); rename it at load: {advice}") from exc
+    backbone.to(sampling_device())
     seeds = [a.seed + i for i in range(a.num_images)]
     images = generate_images(backbone, a.prompt, seeds, steps=a.steps, guidance=a.guidance,
                              resolution=a.resolution, negative_prompt=a.negative_prompt)

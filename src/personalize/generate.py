@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .backbone import seeded_noise
 from .concepts import FixedVectors, add_placeholder_tokens, concept_embedding
 from .errors import PersonalizeError
 from .export import CONCEPTS_DIR, EMBEDDINGS_FILE, atomic_write, load_embedding_file
@@ -120,7 +121,6 @@ def generate_images(
     steps = backbone.sampler["inference_steps"] if steps is None else steps
     guidance = backbone.sampler["guidance"] if guidance is None else guidance
     size = resolution or backbone.default_resolution
-    device = backbone.unet.device
     images = []
     for prompt in prompts:
         for start in range(0, len(seeds), batch_size):
@@ -133,7 +133,7 @@ def generate_images(
                 height=size,
                 width=size,
                 num_images_per_prompt=len(chunk),
-                generator=[torch.Generator(device=device).manual_seed(seed) for seed in chunk],
+                generator=[seeded_noise(seed) for seed in chunk],
             )
             images.extend(out.images)
     return images

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..world import HELD_OUT, SHAPES
-from .common import (LOG, TOKEN, BenchConfig, concept_name, concept_traits, load_model, measure_embedding, method_rate,
+from .common import (LOG, TOKEN, BenchConfig, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding, method_rate,
                      render_set, run_seeds, select_runs, steps_to_reach, train_run)
 
 CURVE_POINTS = 3  # evaluations along each run (the last at the final step)
@@ -37,7 +37,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
     steps = 300 if cfg.steps is None else cfg.steps
     points = [round(steps * (i + 1) / CURVE_POINTS) for i in range(CURVE_POINTS)] if variant == "embeddings" else [steps]
     dim = load_model(cfg).embedding_dims[0]
-    for concept in HELD_OUT[: cfg.concepts]:
+    for _, concept in chosen_concepts(cfg, HELD_OUT):
         traits, name = concept_traits(concept), concept_name(concept_traits(concept))
         references = render_set(work / name / "images", 5, seed=1, **traits)
         init = traits["shape"] if variant != "init-word" else next(s for s in SHAPES if s not in (traits["shape"], "circle"))

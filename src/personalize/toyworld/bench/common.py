@@ -34,6 +34,9 @@ class BenchConfig:
     concepts: int = field(default=3, metadata={"help": "how many held-out concepts (or categories) to use"})
     seeds: int = field(default=3, metadata={"help": "training seeds per concept"})
     first_seed: int = field(default=0, metadata={"help": "the first training seed (with --merge: extend an earlier bench by more seeds)"})
+    concept_index: list[int] = field(default_factory=list, metadata={
+        "help": "only these of the --concepts (0 = the first; default all): one bench split across processes or machines, "
+                "joined again with --merge"})
     steps: int | None = field(default=None, metadata={"help": "training steps of every run (default: each suite's)"})
     samples: int = field(default=32, metadata={"help": "images of the plain prompt per run"})
     edit_samples: int = field(default=8, metadata={"help": "images per editing prompt"})
@@ -45,6 +48,11 @@ class BenchConfig:
     rates: str | None = field(default=None, metadata={"help": "a bench.json of an lr-sweep whose chosen rates to use"})
     merge: list[str] = field(default_factory=list, metadata={
         "help": "earlier bench.json files (same model and sampling) whose rows join this bench's tables and verdicts"})
+
+
+def chosen_concepts(cfg: BenchConfig, items) -> list[tuple[int, object]]:
+    """(index, item) of the first --concepts items, only those --concept-index names when it names any."""
+    return [(i, item) for i, item in enumerate(list(items)[: cfg.concepts]) if not cfg.concept_index or i in cfg.concept_index]
 
 
 def run_seeds(cfg: BenchConfig) -> range:
@@ -143,27 +151,27 @@ class Sampler:
 
     def each(self, backbone, prompts: list[str], chunk: int = 16) -> list[Image.Image]:
         """One image per prompt (image i with seed i), several prompts per sampler batch."""
-        import torch
+        from ...backbone import seeded_noise
 
         steps = backbone.sampler["inference_steps"] if self.cfg.inference_steps is None else self.cfg.inference_steps
         guidance = backbone.sampler["guidance"] if self.cfg.guidance is None else self.cfg.guidance
         size, images = backbone.default_resolution, []
         for start in range(0, len(prompts), chunk):
             part = prompts[start:start + chunk]
-            generators = [torch.Generator(device=backbone.unet.device).manual_seed(start + i) for i in range(len(part))]
+            generators = [seeded_noise(start + i) for i in range(len(part))]
             images += backbone.pipe(prompt=part, num_inference_steps=steps, guidance_scale=guidance, height=size,
                                     width=size, generator=generators).images
         return images
 
 
 def load_model(cfg: BenchConfig, concepts=()):
-    from ...backbone import load_backbone
+    from ...backbone import load_backbone, sampling_device
     from ...generate import install_concept
 
     backbone = load_backbone(cfg.model)
     for concept in concepts:
         install_concept(backbone, concept)
-    return backbone
+    return backbone.to(sampling_device())
 
 
 def _matches(reading: dict, traits: dict[str, str]) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ...evaluate import toy as T
 from ..world import CATEGORIES
-from .common import (LOG, BenchConfig, Sampler, load_model, method_rate, render_set, run_seeds, save_grid, select_runs,
+from .common import (LOG, BenchConfig, Sampler, chosen_concepts, load_model, method_rate, render_set, run_seeds, save_grid, select_runs,
                      subject_of, train_run)
 
 DIS2BOOTH_STEPS = 120  # iterations: 40 warm-up + 80 of Algorithm 1 (12 updates each at k = 5)
@@ -54,7 +54,7 @@ def suite_distribution(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     from ...methods import Dis2Booth, Dis2BoothConfig, DreamBoothLoraConfig, TextualInversionConfig
 
     rows, n_generated = [], max(cfg.samples, 2)
-    for name, traits in list(CATEGORIES.items())[: cfg.concepts]:
+    for _, (name, traits) in chosen_concepts(cfg, CATEGORIES.items()):
         class_word = traits.get("shape", "shape")
         _, heldout, real = _category(work, name, traits, n_generated)
         base = Sampler(cfg)(load_model(cfg), f"a {class_word}", n_generated)
@@ -98,7 +98,7 @@ def suite_dis2booth_scan(cfg: BenchConfig, judge, work: Path) -> list[dict]:
 
     rows, n_generated = [], max(cfg.samples, 2)
     steps = DIS2BOOTH_STEPS if cfg.steps is None else cfg.steps
-    for name, traits in list(CATEGORIES.items())[: cfg.concepts]:  # the protocol's ≥ 3 categories × ≥ 3 seeds per cell
+    for _, (name, traits) in chosen_concepts(cfg, CATEGORIES.items()):  # the protocol's ≥ 3 categories × ≥ 3 seeds per cell
         class_word = traits.get("shape", "shape")
         _, heldout, _ = _category(work, name, traits, n_generated)
         for lam, gamma in SCAN:

@@ -21,7 +21,7 @@ from ...evaluate.esr import editing_success_rate
 from ...evaluate.protocols import TOY_ESR
 from ..judge import pair_shows
 from ..world import HELD_OUT
-from .common import (LOG, BenchConfig, Sampler, TI_LORA_LR, concept_name, concept_traits, load_model, measure_embedding,
+from .common import (LOG, BenchConfig, Sampler, TI_LORA_LR, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding,
                      method_rate, render_set, run_seeds, save_grid, select_runs, subject_of, train_run)
 
 SOURCE_BACKGROUND = "pink"  # a background no edit prompt asks for
@@ -72,7 +72,7 @@ def _runs(cfg: BenchConfig, traits: dict, token: str, work: Path) -> list[tuple]
 
 def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     sample, rows, runs_of = Sampler(cfg), [], {}
-    for index, concept in enumerate(HELD_OUT[: cfg.concepts]):
+    for index, concept in chosen_concepts(cfg, HELD_OUT):
         traits, name = concept_traits(concept), concept_name(concept_traits(concept))
         token = f"<c{index}>"  # a token per concept: two concepts trained apart meet in one prompt below
         folder = work / name / "single"
