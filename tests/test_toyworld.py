@@ -415,6 +415,17 @@ def test_paired_claims_give_a_verdict_only_past_the_noise():
     assert paired(mixed, "x", "A", "B")["verdict"] == "inside noise"
 
 
+def test_a_claim_whose_two_rows_all_read_the_same_is_reported_as_not_separating_them():
+    from personalize.toyworld.bench import verdicts
+
+    rows = [{"suite": "embeddings", "method": m, "concept": c, "seed": s, "text_alignment": v, "image_alignment": w + s / 10}
+            for c in "abc" for s in range(3)
+            for m, v, w in (("batex", 1.0, 0.5), ("textual-inversion", 1.0, 0.2), ("base", 0.7, 0.1))]
+    claims = {c["claim"].rsplit(" on ", 1)[1]: c for c in verdicts(rows)}
+    assert claims["text_alignment"]["verdict"] == "does not separate the rows (saturated)"  # though "base" reads 0.7
+    assert claims["image_alignment"]["verdict"] == "held"
+
+
 def test_a_bench_extended_by_more_seeds_merges_the_earlier_rows_and_refuses_other_settings(tmp_path, monkeypatch):
     """--first-seed 1 --seeds 2 --merge earlier/bench.json gives the table and the paired verdict of 3 seeds; a file
     measured on other sampling settings is refused by name; an untrained row both benches measure is kept once."""
