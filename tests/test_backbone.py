@@ -19,6 +19,21 @@ def test_tiny_models_load_with_their_prediction_type(name, kind):
     assert backbone.tokenizers[0]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
+def test_tiny_tokenizers_are_independent_copies_of_the_real_clip_tokenizer():
+    """clip_tokenizer's copies share the template's BPE vocabulary (a whole copy costs 0.2 s): each must still read
+    text as the template does, and a token added to one must reach neither the template nor any other copy."""
+    from personalize.tiny import _tokenizer_template, clip_tokenizer
+
+    template = _tokenizer_template()
+    a, b = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    text = "A large RED striped star, on the left!! <|endoftext|> émoji 😀 zzqxj"
+    assert a.get_vocab() == b.get_vocab() == template.get_vocab() and a(text).input_ids == b(text).input_ids == template(text).input_ids
+    assert (a.pad_token, b.pad_token, template.pad_token) == ("<|endoftext|>", "!", "<|endoftext|>")
+    a.add_tokens(["<concept>"])
+    assert a("a <concept> cat").input_ids == [49406, 320, 49408, 2368, 49407]
+    assert all("<concept>" not in t.get_vocab() and len(t) == 49408 for t in (template, b, clip_tokenizer()))
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-v"])
 def test_target_and_x0_are_consistent_for_both_prediction_types(name):
     """A perfect prediction of the target must give back x0 exactly, whatever the parametrisation."""

@@ -3,6 +3,7 @@ trains, and files are written once."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,24 +12,58 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import EXAMPLE_IMAGES
+from personalize import cli
 
 # The two gradient halves are averaged by all-reduce instead of one mean: float rounding only, which Adam's division
 # by √v can enlarge for a near-zero gradient to ~lr × 1e-3 in a weight (seen: 2e-5 at lr 4e-2).
 TOLERANCE = 1e-4
 
 
-def launch(processes: int, output, *args):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(processes: int, output, *args) -> subprocess.Popen:
     """`accelerate launch --multi_gpu --num_processes N -m personalize.cli train ...` in a fresh interpreter: accelerate's
     torchrun launcher, which on a machine without GPUs runs the processes on the CPU with gloo (its `--cpu` flag
-    starts a single process whatever --num_processes says)."""
+    starts a single process whatever --num_processes says). Started, not awaited: its interpreters spend most of
+    their time importing, which the caller can overlap with other work. Each launch rendezvouses on a port of its
+    own, so two can run at once."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else []),
-               "-m", "personalize.cli", "train",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               *(["--multi_gpu"] if processes > 1 else []), "-m", "personalize.cli", "train",
                "--images", str(EXAMPLE_IMAGES), "--output", str(output), "--num-validation-images", "0", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PERSONALIZE_MODEL": "tiny", "TQDM_DISABLE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(launched: subprocess.Popen) -> None:
+    try:
+        _, stderr = launched.communicate(timeout=600)
+    finally:
+        if launched.poll() is None:  # timed out (or the test was interrupted): leave no trainer behind
+            launched.kill()
+            launched.communicate()
+    assert launched.returncode == 0, stderr[-3000:]
+
+
+def launch(processes: int, output, *args) -> None:
+    finish(start(processes, output, *args))
+
+
+def train_in_this_process(output, *args) -> None:
+    """The one-process reference: the same `personalize train` in this interpreter (already imported, so seconds
+    instead of a launcher's and a child's start-up), on one thread as the launched children are (OMP_NUM_THREADS=1),
+    so thread count adds no rounding of its own to the comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["train", "--images", str(EXAMPLE_IMAGES), "--output", str(output), "--num-validation-images", "0",
+                         *map(str, args)]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method, args, artefact", [
@@ -37,8 +72,9 @@ def launch(processes: int, output, *args):
 ])
 def test_two_processes_with_batch_b_train_what_one_process_with_batch_2b_trains(tmp_path, method, args, artefact):
     common = ["--method", method, "--steps", 3, "--checkpointing-steps", 2, *args]
-    launch(1, tmp_path / "one", *common, "--batch-size", 4)
-    launch(2, tmp_path / "two", *common, "--batch-size", 2)
+    two = start(2, tmp_path / "two", *common, "--batch-size", 2)
+    train_in_this_process(tmp_path / "one", *common, "--batch-size", 4)  # while the two processes start up
+    finish(two)
     one, two = load_file(str(tmp_path / "one" / artefact)), load_file(str(tmp_path / "two" / artefact))
     assert one.keys() == two.keys()
     moved = 0.0
@@ -65,7 +101,10 @@ def test_every_method_trains_in_two_processes(tmp_path):
         mask = Image.new("L", (128, 128), 0)
         ImageDraw.Draw(mask).ellipse((30, 30, 100, 110), fill=255)
         mask.save(masked / f"{src.stem}.mask.png")
-    for method, args in (("dis2booth", ["--class-word", "cat", "--warmup-steps", 1, "--delta-steps", 1, "--rank", 2]),
-                         ("singleinsert", ["--class-word", "cat", "--stage1-steps", 1, "--stage2-steps", 1, "--images", masked])):
-        launch(2, tmp_path / method, "--method", method, "--steps", 2, "--batch-size", 1, *args)
+    runs = {method: start(2, tmp_path / method, "--method", method, "--steps", 2, "--batch-size", 1, *args)
+            for method, args in (("dis2booth", ["--class-word", "cat", "--warmup-steps", 1, "--delta-steps", 1, "--rank", 2]),
+                                 ("singleinsert", ["--class-word", "cat", "--stage1-steps", 1, "--stage2-steps", 1,
+                                                   "--images", masked]))}  # both at once: each spends most of its time importing
+    for method, launched in runs.items():
+        finish(launched)
         assert json.loads((tmp_path / method / "run.json").read_text())["status"] == "finished"

@@ -301,8 +301,8 @@ def test_the_readme_main_job_learns_the_blue_striped_star(tmp_path):
     def readings(backbone, prompt):
         return judge.predict(generate_images(backbone, [prompt], seeds, batch_size=16))
 
-    before = concept_rate(readings(load_backbone("toy"), f"a {traits['shape']}"), traits)
     backbone = load_backbone("toy")
+    before = concept_rate(readings(backbone, f"a {traits['shape']}"), traits)  # the base model: no concept installed yet
     install_concept(backbone, tmp_path / "run")
     after = concept_rate(readings(backbone, "a <concept>"), traits)
     on_black = concept_rate(readings(backbone, "a <concept> on a black background"), {**traits, "background": "black"})

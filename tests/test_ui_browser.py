@@ -53,26 +53,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ui_url(tmp_path):
-    """`personalize ui` in a child process (as a user starts it), on the toy model, in an empty workspace."""
+def ui_server(tmp_path):
+    """`personalize ui` in a child process (as a user starts it), on the toy model, in an empty workspace: started,
+    not yet answering (`ui_url` waits for it, so that Chromium starts while it imports)."""
     workspace, port = tmp_path / "workspace", _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # NiceGUI changes its ways under pytest
     env["PERSONALIZE_MODEL"] = "toy"
     log = open(tmp_path / "ui.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "personalize.cli", "ui", "--workspace", str(workspace), "--port", str(port),
                                "--no-browser"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"personalize ui did not start:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
-                time.sleep(0.3)
-        yield url
+        yield server, f"http://127.0.0.1:{port}/"
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -81,6 +72,21 @@ def ui_url(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
         _stop_jobs(workspace)
         log.close()
+
+
+@pytest.fixture
+def ui_url(ui_server, browser, tmp_path):
+    """The UI's address once it answers (after `browser`, which starts meanwhile)."""
+    server, url = ui_server
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return url
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"personalize ui did not start:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
+            time.sleep(0.3)
 
 
 def _stop_jobs(workspace: Path) -> None:
@@ -114,7 +120,7 @@ def _wait_for_status(page, prefix: str, timeout_s: float) -> str:
     pytest.fail(f"training still not {prefix} after {timeout_s:.0f} s: {text}")
 
 
-def test_images_in_concept_out_in_a_real_browser(browser, ui_url, shots, tmp_path):
+def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_path):  # ui_url first: see ui_server
     started = time.time()
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     errors = []
