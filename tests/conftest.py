@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PERSONALIZE_MODEL"] = "tiny"
 for _name in ("CLIP", "DINO", "INCEPTION", "LPIPS_BACKBONE"):  # a user's metric networks must not leak into tests
     os.environ.pop(f"PERSONALIZE_{_name}", None)
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker gets one torch thread: two workers of two
+# threads each on two cores would fight over them (OpenMP spins while it waits).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
