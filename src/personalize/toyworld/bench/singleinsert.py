@@ -80,7 +80,7 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                             position="center", **traits)
         for label, method, method_cfg in _runs(cfg, traits, token, work):
             for seed in run_seeds(cfg):
-                out = work / name / f"{label.replace(' ', '_').replace(':', '').replace('+', 'p')}-{seed}"
+                out = work / name / f"{_slug(label)}-{seed}"
                 steps = (method_cfg.stage1_steps + method_cfg.stage2_steps if method == "singleinsert"
                          else 300 if cfg.steps is None else cfg.steps)
                 subject = subject_of(method, method_cfg)
@@ -107,6 +107,11 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     return rows
 
 
+def _slug(label: str) -> str:
+    """A row label as a file name: 'singleinsert: full (+L_sm)' -> 'singleinsert_full_(pL_sm)'."""
+    return label.replace(' ', '_').replace(':', '').replace('+', 'p')
+
+
 def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
     """Two single-image concepts trained apart, loaded together: "a S1 next to a S2" must show both."""
     rows, sample = [], Sampler(cfg)
@@ -118,6 +123,7 @@ def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
                 (out_a, subject_a, traits_a), (out_b, subject_b, traits_b) = runs_of[(label, a, seed)], runs_of[(label, b, seed)]
                 backbone = load_model(cfg, [out_a, out_b])
                 images = sample(backbone, f"a {subject_a} next to a {subject_b}", cfg.edit_samples)
+                save_grid(images, Path(cfg.output) / "grids" / f"singleinsert-composition-{_slug(label)}-{a}+{b}-{seed}.png")
                 readings = judge.predict(images)
                 rows.append({"suite": "singleinsert-composition", "method": label, "concept": f"{a}+{b}", "seed": seed,
                              "both_drawn": statistics.mean(pair_shows(r, traits_a, traits_b) for r in readings),
