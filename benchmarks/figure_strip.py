@@ -12,11 +12,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from personalize.export import atomic_write
 
 
 def first_row(grid: Path, columns: int) -> Image.Image:
@@ -48,11 +49,7 @@ def figure_strip(out: Path, labelled: list[tuple[str, Path]], columns: int = 8, 
         canvas.paste(row, (label_width, top))
         draw.text((6, top + row.height // 2 - 6), label, fill="black", font=font)
         top += row.height
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    canvas.save(partial, format="PNG")
-    os.replace(partial, out)
-    return out
+    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def parse_labelled(items: list[str]) -> list[tuple[str, Path]]:

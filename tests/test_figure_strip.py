@@ -31,7 +31,7 @@ def test_stacks_the_first_row_of_each_grid_under_its_label(tmp_path):
     assert figure.getpixel((100 + 5, 16 + 8)) == (0, 255, 0)
     label = figure.crop((0, 0, 100, 16))
     assert min(label.convert("L").getdata()) < 128  # the label's text is drawn in the left margin
-    assert not list(out.parent.glob("*.partial"))
+    assert [p.name for p in out.parent.iterdir()] == ["strip.png"]  # written atomically: no temporary left
 
 
 def test_bad_input_names_the_file(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..world import HELD_OUT, SHAPES
 from .common import (LOG, TOKEN, BenchConfig, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding, method_rate,
-                     render_set, run_seeds, select_runs, steps_to_reach, train_run)
+                     render_set, run_seeds, run_slug, select_runs, steps_to_reach, train_run)
 
 CURVE_POINTS = 3  # evaluations along each run (the last at the final step)
 
@@ -49,7 +49,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
                              **measure_embedding(cfg, base, judge, subject, traits, references)})
         for label, method, method_cfg in select_runs(cfg, variant, _runs(variant, init, dim)):
             for seed in run_seeds(cfg):
-                out = work / name / f"{label.replace(' ', '_').replace('=', '')}-{seed}"
+                out = work / name / f"{run_slug(label)}-{seed}"
                 seconds, curve = 0.0, {}
                 for point in points:  # segments of one run: a resumed run continues exactly
                     seconds += train_run(cfg, out, method, method_cfg, work / name / "images", point, seed,

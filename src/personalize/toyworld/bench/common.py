@@ -227,6 +227,12 @@ def measure_embedding(cfg: BenchConfig, backbone, judge, subject: str, traits: d
     return row
 
 
+def run_slug(label: str) -> str:
+    """A row label as a run folder / grid name: 'singleinsert: full (+L_sm)' -> 'singleinsert_full_(pL_sm)',
+    'batex M=16' -> 'batex_M16'."""
+    return label.replace(" ", "_").replace(":", "").replace("=", "").replace("+", "p")
+
+
 def save_grid(images: list[Image.Image], path: Path, columns: int = 8) -> None:
     from ...generate import make_grid, save_png
 

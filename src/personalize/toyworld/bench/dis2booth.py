@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ...evaluate import toy as T
 from ..world import CATEGORIES
-from .common import (LOG, BenchConfig, Sampler, chosen_concepts, load_model, method_rate, render_set, run_seeds, save_grid, select_runs,
+from .common import (LOG, BenchConfig, Sampler, chosen_concepts, load_model, method_rate, render_set, run_seeds, run_slug, save_grid, select_runs,
                      subject_of, train_run)
 
 DIS2BOOTH_STEPS = 120  # iterations: 40 warm-up + 80 of Algorithm 1 (12 updates each at k = 5)
@@ -39,7 +39,7 @@ def _row(judge, images, heldout, traits) -> dict[str, float]:
 def _measure(cfg, judge, work, name, traits, heldout, n_generated, label, method, method_cfg, steps, updates) -> list[dict]:
     rows = []
     for seed in run_seeds(cfg):
-        out = work / name / f"{label.replace(' ', '_').replace(':', '').replace('=', '')}-{seed}"
+        out = work / name / f"{run_slug(label)}-{seed}"
         subject = subject_of(method, method_cfg)
         seconds = train_run(cfg, out, method, method_cfg, work / name / "reference", steps, seed, lr=method_rate(cfg, method))
         images = Sampler(cfg)(load_model(cfg, [out]), f"a {subject}", n_generated)

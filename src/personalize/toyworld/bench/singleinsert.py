@@ -22,7 +22,7 @@ from ...evaluate.protocols import TOY_ESR
 from ..judge import pair_shows
 from ..world import HELD_OUT
 from .common import (LOG, BenchConfig, Sampler, TI_LORA_LR, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding,
-                     method_rate, render_set, run_seeds, save_grid, select_runs, subject_of, train_run)
+                     method_rate, render_set, run_seeds, run_slug, save_grid, select_runs, subject_of, train_run)
 
 SOURCE_BACKGROUND = "pink"  # a background no edit prompt asks for
 VIT_ROW = "singleinsert: full, ViT encoder (from scratch)"
@@ -80,7 +80,7 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                             position="center", **traits)
         for label, method, method_cfg in _runs(cfg, traits, token, work):
             for seed in run_seeds(cfg):
-                out = work / name / f"{_slug(label)}-{seed}"
+                out = work / name / f"{run_slug(label)}-{seed}"
                 steps = (method_cfg.stage1_steps + method_cfg.stage2_steps if method == "singleinsert"
                          else 300 if cfg.steps is None else cfg.steps)
                 subject = subject_of(method, method_cfg)
@@ -107,11 +107,6 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     return rows
 
 
-def _slug(label: str) -> str:
-    """A row label as a file name: 'singleinsert: full (+L_sm)' -> 'singleinsert_full_(pL_sm)'."""
-    return label.replace(' ', '_').replace(':', '').replace('+', 'p')
-
-
 def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
     """Two single-image concepts trained apart, loaded together: "a S1 next to a S2" must show both."""
     rows, sample = [], Sampler(cfg)
@@ -123,7 +118,7 @@ def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
                 (out_a, subject_a, traits_a), (out_b, subject_b, traits_b) = runs_of[(label, a, seed)], runs_of[(label, b, seed)]
                 backbone = load_model(cfg, [out_a, out_b])
                 images = sample(backbone, f"a {subject_a} next to a {subject_b}", cfg.edit_samples)
-                save_grid(images, Path(cfg.output) / "grids" / f"singleinsert-composition-{_slug(label)}-{a}+{b}-{seed}.png")
+                save_grid(images, Path(cfg.output) / "grids" / f"singleinsert-composition-{run_slug(label)}-{a}+{b}-{seed}.png")
                 readings = judge.predict(images)
                 rows.append({"suite": "singleinsert-composition", "method": label, "concept": f"{a}+{b}", "seed": seed,
                              "both_drawn": statistics.mean(pair_shows(r, traits_a, traits_b) for r in readings),
