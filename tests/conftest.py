@@ -26,14 +26,22 @@ EXAMPLE_IMAGES = REPO / "examples" / "cat"
 DREAMBENCH = REPO.parent / "shared" / "datasets" / "dreambench"
 
 
+def missing_requirement(message: str):
+    """A test needs something the README's set-up does not install (a browser, the DreamBench photos beside the
+    checkout). For a user it skips, saying how to enable it; in CI (`CI=true`, as `.ci/run` runs) it fails, so a
+    CI machine without it never passes untested."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message} (CI=true: a missing requirement fails here rather than skipping)", pytrace=False)
+    pytest.skip(message)
+
+
 def dreambench_folder(path: Path = DREAMBENCH) -> Path:
-    """The DreamBench photos beside this checkout. Missing, the test fails with what to do — never a silent skip,
-    which would let a clone without the dataset pass untested."""
+    """The DreamBench photos beside this checkout. Missing: skipped for a user with what to do, failed in CI."""
     if not path.is_dir():
-        pytest.fail(f"{path} is missing: this test needs the DreamBooth dataset's photos (google/dreambooth, "
-                    f"dataset/) there, e.g. `git clone https://github.com/google/dreambooth` and link its dataset/ "
-                    f"as {path}; tests that can do with one subject use the in-repository {EXAMPLE_IMAGES}",
-                    pytrace=False)
+        missing_requirement(f"{path} is missing: this test needs the DreamBooth dataset's photos (google/dreambooth, "
+                            f"dataset/) there, e.g. `git clone https://github.com/google/dreambooth` and link its "
+                            f"dataset/ as {path}; tests that can do with one subject use the in-repository "
+                            f"{EXAMPLE_IMAGES}")
     return path
 
 

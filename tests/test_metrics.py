@@ -435,3 +435,9 @@ def test_metric_result_and_file_sha256(tmp_path):
     assert M.file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     result = M.MetricResult("CLIP-T", 0.3, 8, "raw", {"model": "x"})
     assert result.versions["torch"] == torch.__version__ and result.n == 8 and result.origin == {}
+
+
+def test_recorded_torch_version_names_the_build_that_ran(monkeypatch):
+    """A CUDA wheel's metadata says "2.14.1" where torch says "2.14.1+cu130": the figure must name the build."""
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    assert M.library_versions()["torch"] == "2.14.1+cu130"

@@ -75,7 +75,7 @@ def test_lora_methods_learn_one_lora_with_each_subsets_prompt(tmp_path):
           "--batch-size", 2, "--num-validation-images", 0, "--steps", 2)
     assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "o" / "concepts").exists()  # one LoRA for all
-    from personalize.cli import build_configs
+    from personalize.configs import build_configs
     from personalize.data import Subset, read_dataset
 
     subsets = read_dataset(tmp_path / "set.yaml")

@@ -33,7 +33,7 @@ def png_bytes(size=(48, 48), colour="blue", mode="RGB") -> bytes:
 @pytest.mark.parametrize("method", ["textual-inversion", "batex", "dreambooth-lora", "dis2booth", "singleinsert"])
 def test_the_form_has_exactly_the_flags_of_personalize_train(method):
     """No second list of options: every dataclass flag of `personalize train` is a field, and nothing else."""
-    from personalize.cli import add_dataclass_flags
+    from personalize.configs import add_dataclass_flags
     from personalize.methods import METHODS
     from personalize.trainer import TrainConfig
 

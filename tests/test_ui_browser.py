@@ -4,7 +4,8 @@ generated, a mask drawn and saved — with a screenshot of every step ($PERSONAL
 temporary folder).
 
 The browser is Debian's `chromium` (.ci/run installs it; Playwright's own browser download does not work here).
-Without one the test fails, naming what to install; it is skipped only when PERSONALIZE_BROWSER_TESTS=off.
+Without one it is skipped on a user's machine, saying what to install, and fails in CI (`CI=true`), which installs it;
+PERSONALIZE_BROWSER_TESTS=off skips it anywhere.
 """
 
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, missing_requirement
 
 BROWSER = os.environ.get("PERSONALIZE_BROWSER", "/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused here and slow everything down.
@@ -34,12 +35,12 @@ def browser():
     if os.environ.get("PERSONALIZE_BROWSER_TESTS") == "off":
         pytest.skip("PERSONALIZE_BROWSER_TESTS=off")
     if not Path(BROWSER).is_file():
-        pytest.fail(f"no browser at {BROWSER}: apt-get install chromium (as .ci/run does), set PERSONALIZE_BROWSER, "
-                    "or PERSONALIZE_BROWSER_TESTS=off to skip the browser test")
+        missing_requirement(f"no browser at {BROWSER}: the web UI's browser test needs Debian's Chromium "
+                            "(`apt-get install chromium`, as .ci/run does) or PERSONALIZE_BROWSER=PATH")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the browser test needs playwright: pip install -e '.[test]'")
+        missing_requirement("the browser test needs playwright: pip install -e '.[test]'")
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=BROWSER, headless=True, args=CHROMIUM_FLAGS)
         yield chromium
@@ -191,3 +192,18 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
 
     assert not errors, f"errors in the page: {errors}"
     assert time.time() - started < 240
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_a_browser_a_user_skips_and_ci_fails(ci, tmp_path):
+    """The README's test command passes on a machine without Chromium (skipped, saying how to enable it); CI, which
+    installs it, refuses to skip."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))},
+           "PERSONALIZE_BROWSER": str(tmp_path / "no-chromium"), "CI": ci}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-rs",
+                          f"{__file__}::test_images_in_concept_out_in_a_real_browser"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if ci:
+        assert run.returncode == 1 and "1 error" in run.stdout and "apt-get install chromium" in run.stdout
+    else:
+        assert run.returncode == 0 and "1 skipped" in run.stdout and "apt-get install chromium" in run.stdout

@@ -73,7 +73,7 @@ class Page(ImageSteps, TrainSteps, UseSteps):
 
     def _restore_latest_run(self) -> None:
         """A new tab opens on the newest training job, so two tabs show the same job and settings."""
-        from ..cli import build_configs
+        from ..configs import build_configs
 
         job = self.jobs.latest("train")
         if job is None:

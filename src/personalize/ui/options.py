@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 
-from ..cli import _base_type, build_configs, preset_description, preset_names, read_preset
+from ..configs import _base_type, build_configs, preset_description, preset_names, read_preset
 from ..errors import PersonalizeError
 
 # Fields the form has widgets of its own for (images, output, the method and model pickers, the stop/resume buttons).

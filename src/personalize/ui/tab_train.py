@@ -40,7 +40,7 @@ class TrainSteps:
         self.next_button("train", "Next: train")
 
     def on_preset(self, e) -> None:
-        from ..cli import read_preset
+        from ..configs import read_preset
 
         self.preset = e.value or None
         if self.preset:
@@ -65,7 +65,7 @@ class TrainSteps:
         self.after_settings_changed()
 
     def _preset_method(self) -> str | None:
-        from ..cli import read_preset
+        from ..configs import read_preset
 
         return read_preset(self.preset).get("method") if self.preset else None
 

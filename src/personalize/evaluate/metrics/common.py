@@ -24,12 +24,19 @@ _LOG = logging.getLogger("personalize.evaluate")
 _VERSIONED_LIBRARIES = ("personalize", "torch", "transformers", "numpy", "Pillow")
 
 
+def _torch_build() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def library_versions(names: Sequence[str] = _VERSIONED_LIBRARIES) -> dict[str, str]:
     """Versions of the libraries a figure depends on (a changed resize kernel changes the numbers)."""
     versions = {}
     for name in names:
         try:
-            versions[name] = metadata.version(name)
+            # torch's own version names the build that ran ("2.14.1+cu130"); its wheel's metadata may drop that tag.
+            versions[name] = _torch_build() if name == "torch" else metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     versions["python"] = platform.python_version()
