@@ -112,7 +112,7 @@ def floor_step(backbone, args):
 def method_step(backbone, args, method_name: str, cached: bool):
     """The trainer's per-step lines (trainer.train, one parameter group, mixed precision 'no'), reusing its classes."""
     from personalize.methods import METHODS, Batch
-    from personalize.trainer import LatentCache
+    from personalize.latents import LatentCache
 
     images = training_images(args.num_images, args.resolution)
     rows_total = 2 * len(images)  # flip=True, as the trainer's default
@@ -132,7 +132,7 @@ def method_step(backbone, args, method_name: str, cached: bool):
         t0 = time.perf_counter()
         if cached:
             latents, rows, masks = cache.sample(args.batch_size, generator)
-            time_ids_rows = cache.time_ids_of(cache.last_rows)
+            time_ids_rows = cache.last_time_ids
         else:  # diffusers' example scripts: encode the batch's (possibly flipped) pixels with the VAE every step
             picked = torch.randint(0, rows_total, (args.batch_size,), generator=generator)
             with torch.no_grad():

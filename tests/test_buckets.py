@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from personalize import cli
-from personalize.backbone import load_backbone
+from personalize.backbone import load_backbone, sdxl_time_ids
 from personalize.data import Buckets, load_image_folder
-from personalize.trainer import LatentCache, sdxl_time_ids
+from personalize.latents import LatentCache
 
 
 def _stripes(size):

@@ -15,6 +15,7 @@ from personalize.backbone import Backbone, load_backbone
 from personalize.errors import PersonalizeError
 from personalize.export import EMBEDDINGS_FILE, load_embedding_file, save_embeddings
 from personalize.generate import generate_images, install_concept
+from personalize.howto import HOWTO_FILE
 from personalize.tiny import build_tiny_pipeline
 
 STEPS, GUIDANCE, SIZE, SEED = 2, 7.5, 32, 0
@@ -94,8 +95,8 @@ def test_diffusers_file_records_metadata(tmp_path):
 @pytest.mark.parametrize("num_vectors", [1, 2])
 def test_a1111_pt_is_weights_only_loadable_and_loads_in_diffusers(tmp_path, num_vectors):
     vecs = _vectors(num_vectors, seed=3)
-    files = save_embeddings(tmp_path, "<my-cat>", [vecs], step=50, model_name="tiny")
-    pt = tmp_path / "my-cat-emb.pt"
+    files = save_embeddings(tmp_path / "my-cat", "<concept>", [vecs], step=50, model_name="tiny")
+    pt = tmp_path / "my-cat" / "my-cat-emb.pt"  # named after the run's folder, not the token
     assert pt in files
 
     back = torch.load(pt, map_location="cpu", weights_only=True)
@@ -118,20 +119,20 @@ def test_a1111_pt_is_weights_only_loadable_and_loads_in_diffusers(tmp_path, num_
     np.testing.assert_allclose(_sample(backbone.pipe, prompt), theirs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("token", ["<star>", "<concept>", "<my-cat>"])
-def test_a1111_name_is_no_vocabulary_word_and_loads_in_diffusers_under_it(tmp_path, token):
-    """A1111 and diffusers call an A1111 embedding by its name: a vocabulary word there ("star") would be refused
-    by diffusers and take over that word in every A1111 prompt."""
+@pytest.mark.parametrize("run", ["star", "concept", "my-cat"])
+def test_a1111_name_is_no_vocabulary_word_and_loads_in_diffusers_under_it(tmp_path, run):
+    """A1111 and diffusers call an A1111 embedding by its name: a vocabulary word there (a run called "star") would
+    be refused by diffusers and take over that word in every A1111 prompt."""
     vecs = _vectors(1, seed=4)
-    pt, = [f for f in save_embeddings(tmp_path, token, [vecs], step=1, model_name="tiny") if f.suffix == ".pt"]
+    pt, = [f for f in save_embeddings(tmp_path / run, "<concept>", [vecs], step=1, model_name="tiny") if f.suffix == ".pt"]
     name = pt.stem
     assert torch.load(pt, weights_only=True)["name"] == name
 
     plain = build_tiny_pipeline("tiny")
     vocab = plain.tokenizer.get_vocab()
     assert name not in vocab and f"{name}</w>" not in vocab
-    word = token.strip("<>")
-    # A1111 finds an embedding by the token ids of its name: the placeholder's bare word must not spell it.
+    word = run
+    # A1111 finds an embedding by the token ids of its name: the run's bare word must not spell it.
     assert plain.tokenizer(name, add_special_tokens=False).input_ids != plain.tokenizer(word, add_special_tokens=False).input_ids
 
     prompt = f"a photo of {name}"
@@ -142,7 +143,7 @@ def test_a1111_name_is_no_vocabulary_word_and_loads_in_diffusers_under_it(tmp_pa
 
 
 def test_sdxl_a1111_name_is_no_vocabulary_word_of_either_tokenizer(tmp_path):
-    files = save_embeddings(tmp_path, "<star>", [_vectors(1), _vectors(1, seed=1)], step=1, model_name="tiny-xl")
+    files = save_embeddings(tmp_path / "star", "<concept>", [_vectors(1), _vectors(1, seed=1)], step=1, model_name="tiny-xl")
     name = files[1].stem
     assert files[1].suffix == ".safetensors" and name == "star-emb"
     pipe = build_tiny_pipeline("tiny-xl")
@@ -150,13 +151,62 @@ def test_sdxl_a1111_name_is_no_vocabulary_word_of_either_tokenizer(tmp_path):
         assert name not in tokenizer.get_vocab() and f"{name}</w>" not in tokenizer.get_vocab()
 
 
+def test_runs_with_the_default_token_name_their_a1111_files_after_the_run_so_none_overwrites_another(tmp_path):
+    """Issue 24, point 2: A1111 and ComfyUI keep every embedding in one folder, by file name. Every run with the
+    default token used to write `concept-emb.pt`, so a second run copied there replaced the first; the file is now
+    named after the run's folder (the UI's concept name), made typeable, and is still no vocabulary word."""
+    folders = ["my-cat", "my-dog", "Mon chat été", "v1.5 cat", "猫", "犬"]
+    pts = [save_embeddings(tmp_path / "runs" / folder, "<concept>", [_vectors(1, seed=i)], step=1, model_name="tiny")[1]
+           for i, folder in enumerate(folders)]
+    names = [pt.name for pt in pts]
+    assert names[:4] == ["my-cat-emb.pt", "my-dog-emb.pt", "Mon-chat-ete-emb.pt", "v1-5-cat-emb.pt"]
+    assert len(set(names)) == len(names)  # all six copied into one embeddings/ folder: none overwrites another
+    vocab = build_tiny_pipeline("tiny").tokenizer.get_vocab()
+    for pt in pts:
+        assert torch.load(pt, weights_only=True)["name"] == pt.stem  # diffusers' word is A1111's word
+        assert pt.stem not in vocab and f"{pt.stem}</w>" not in vocab
+        assert list(load_file(str(pt.parent / EMBEDDINGS_FILE))) == ["<concept>"]  # diffusers' file keeps the token
+
+
+def _howto_blocks(run) -> dict[str, str]:
+    """HOW-TO-USE.txt as {file: what it says about that file} (a file's block starts with its path)."""
+    blocks = (run / HOWTO_FILE).read_text().split("\n\n")
+    return {block.splitlines()[0]: block for block in blocks[2:] if block.strip()}
+
+
+def test_howto_note_says_per_file_where_it_goes_and_what_to_type(tmp_path):
+    """A TI+LoRA run in `runs/my cat`: the note beside the files names each one, where it goes in A1111 / ComfyUI /
+    diffusers, and the word to type there (the token in diffusers, the file's name in A1111 and ComfyUI)."""
+    from personalize.methods import TextualInversion, TextualInversionConfig
+
+    run = tmp_path / "runs" / "my cat"
+    method = TextualInversion(TextualInversionConfig(init_word="cat", lora_rank=2), load_backbone("tiny"))
+    files = method.save(run, step=1)
+    assert [f.name for f in files] == [EMBEDDINGS_FILE, "my-cat-emb.pt", "pytorch_lora_weights.safetensors",
+                                       "my-cat.kohya.safetensors", HOWTO_FILE]
+    summary = (run / HOWTO_FILE).read_text().split("\n\n")[1]
+    assert "diffusers, personalize generate: <concept>" in summary
+    assert "A1111 / Forge: my-cat-emb" in summary and "<lora:my-cat.kohya:1>" in summary
+    assert "ComfyUI: embedding:my-cat-emb" in summary
+    blocks = _howto_blocks(run)
+    assert set(blocks) == {f.name for f in files[:-1]}
+    assert 'pipe.load_textual_inversion("RUN_FOLDER"), then write <concept>' in blocks[EMBEDDINGS_FILE]
+    a1111 = blocks["my-cat-emb.pt"]
+    assert "copy into embeddings/, then write my-cat-emb" in a1111 and "models/embeddings/" in a1111
+    assert "embedding:my-cat-emb" in a1111 and 'load_textual_inversion("RUN_FOLDER/my-cat-emb.pt")' in a1111
+    assert 'load_lora_weights("RUN_FOLDER", weight_name="pytorch_lora_weights.safetensors")' in blocks["pytorch_lora_weights.safetensors"]
+    kohya = blocks["my-cat.kohya.safetensors"]
+    assert "models/Lora/" in kohya and "add <lora:my-cat.kohya:1> to the prompt and write my-cat-emb" in kohya
+    assert "models/loras/" in kohya and "LoraLoader" in kohya and "embedding:my-cat-emb" in kohya
+
+
 # -- 3. SDXL clip_l / clip_g -------------------------------------------------------------------------------------
 
 
 def test_sdxl_file_loads_per_encoder_in_diffusers_and_matches_our_injection(tmp_path):
     clip_l, clip_g = _vectors(2, seed=10), _vectors(2, seed=11)  # different, so a swapped encoder would show
-    files = save_embeddings(tmp_path, "<concept>", [clip_l, clip_g], step=1, model_name="tiny-xl")
-    learned, a1111 = tmp_path / EMBEDDINGS_FILE, tmp_path / "concept-emb.safetensors"
+    files = save_embeddings(tmp_path / "run", "<concept>", [clip_l, clip_g], step=1, model_name="tiny-xl")
+    learned, a1111 = tmp_path / "run" / EMBEDDINGS_FILE, tmp_path / "run" / "run-emb.safetensors"
     assert files == [learned, a1111]
     state = load_file(str(learned))
     assert set(state) == {"clip_l", "clip_g"}
@@ -231,22 +281,22 @@ def test_disk_full_leaves_no_file_and_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_disk_full_keeps_the_previous_good_file(tmp_path, monkeypatch):
-    good = _vectors(1, seed=1)
-    save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
-    before = _snapshot(tmp_path)
-    assert set(before) == {EMBEDDINGS_FILE, "concept-emb.pt"}
+    good, run = _vectors(1, seed=1), tmp_path / "run"
+    save_embeddings(run, "<concept>", [good], step=1, model_name="tiny")
+    before = _snapshot(run)
+    assert set(before) == {EMBEDDINGS_FILE, "run-emb.pt"}
 
     monkeypatch.setattr(export, "save_file", _half_then_disk_full)
     with pytest.raises(PersonalizeError, match="learned_embeds.safetensors"):
-        save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
-    assert _snapshot(tmp_path) == before
-    assert torch.equal(load_embedding_file(tmp_path)[1][0], good)
+        save_embeddings(run, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
+    assert _snapshot(run) == before
+    assert torch.equal(load_embedding_file(run)[1][0], good)
 
 
 def test_disk_full_while_writing_the_a1111_file(tmp_path, monkeypatch):
-    good = _vectors(1, seed=1)
-    save_embeddings(tmp_path, "<concept>", [good], step=1, model_name="tiny")
-    old_pt = (tmp_path / "concept-emb.pt").read_bytes()
+    good, run = _vectors(1, seed=1), tmp_path / "run"
+    save_embeddings(run, "<concept>", [good], step=1, model_name="tiny")
+    old_pt = (run / "run-emb.pt").read_bytes()
 
     def half_torch_save(obj, f, *args, **kwargs):
         with open(f, "wb") as handle:
@@ -255,10 +305,10 @@ def test_disk_full_while_writing_the_a1111_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.torch, "save", half_torch_save)
     with pytest.raises(PersonalizeError) as info:
-        save_embeddings(tmp_path, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
-    assert str(tmp_path / "concept-emb.pt") in str(info.value)
-    assert (tmp_path / "concept-emb.pt").read_bytes() == old_pt
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([EMBEDDINGS_FILE, "concept-emb.pt"])
+        save_embeddings(run, "<concept>", [_vectors(1, seed=2)], step=2, model_name="tiny")
+    assert str(run / "run-emb.pt") in str(info.value)
+    assert (run / "run-emb.pt").read_bytes() == old_pt
+    assert sorted(p.name for p in run.iterdir()) == sorted([EMBEDDINGS_FILE, "run-emb.pt"])
 
 
 def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):

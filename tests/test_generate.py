@@ -48,3 +48,19 @@ def test_generate_renames_a_concepts_token_at_load_so_two_runs_of_one_token_both
     assert np.abs(image("advised", 0) - image("only-a")).max() <= 1
     assert np.abs(image("advised", 1) - image("only-b")).max() <= 1
     assert np.abs(image("only-a") - image("only-b")).max() > 4  # (the tiny model: 9 grey levels apart here)
+
+
+def test_a_named_sampler_draws_differently_and_the_model_keeps_its_own(tmp_path):
+    """`--sampler euler-a` (what A1111/ComfyUI users pick by name) changes the drawing; the model's scheduler is back
+    after, so training previews keep sampling with the model's own."""
+    from personalize.errors import PersonalizeError
+
+    backbone = load_backbone("tiny")
+    own = type(backbone.pipe.scheduler)
+    default = np.asarray(generate_images(backbone, ["a cat"], [3], steps=4)[0], float)
+    ancestral = np.asarray(generate_images(backbone, ["a cat"], [3], steps=4, sampler="euler-a")[0], float)
+    assert np.abs(default - ancestral).max() > 10
+    assert type(backbone.pipe.scheduler) is own
+    assert np.abs(default - np.asarray(generate_images(backbone, ["a cat"], [3], steps=4)[0], float)).max() <= 1
+    with pytest.raises(PersonalizeError, match="unknown sampler 'k_lms'.*euler-a"):
+        generate_images(backbone, ["a cat"], [3], steps=4, sampler="k_lms")

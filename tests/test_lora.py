@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import EXAMPLE_IMAGES
 from personalize import cli
 from personalize.backbone import Backbone, load_backbone
+from personalize.export import run_name
 from personalize.methods import Batch, Dis2Booth, Dis2BoothConfig, DreamBoothLora, DreamBoothLoraConfig
 from personalize.methods.dis2booth import contextual_loss, delta_loss, pool_positions
 from personalize.tiny import build_tiny_pipeline
@@ -38,7 +39,7 @@ def test_dreambooth_lora_files_load_in_diffusers_and_draw_the_same(tmp_path, mod
     files = method.save(tmp_path, step=1)
     plain = draw(build_tiny_pipeline(model))
     assert abs(ours - plain).max() > 1e-3  # the LoRA changes the picture
-    for f in files:  # diffusers file and kohya file, loaded as the README says (works offline on every stack)
+    for f in files[:2]:  # diffusers file and kohya file, loaded as the README says (works offline on every stack)
         pipe = build_tiny_pipeline(model)
         pipe.load_lora_weights(str(f.parent), weight_name=f.name)
         assert abs(draw(pipe) - ours).max() < 1e-4, f.name
@@ -119,10 +120,28 @@ def test_kohya_file_carries_kohyas_metadata_so_a1111_files_it_right(tmp_path, mo
     assert (meta["ss_steps"], meta["ss_sd_model_name"]) == ("7", model)
 
 
+def test_lora_runs_with_the_default_token_name_their_kohya_files_after_the_run_and_say_what_to_type(tmp_path):
+    """Issue 24, point 2: every DreamBooth-LoRA run with the default token used to write `sks.kohya.safetensors`, so
+    two of them copied into A1111's models/Lora/ (or ComfyUI's models/loras/) overwrote each other. The file is named
+    after the run's folder, and HOW-TO-USE.txt beside it says the <lora:...> tag and the words the LoRA was trained on."""
+    backbone = load_backbone("tiny")
+    backbone.freeze()
+    method = DreamBoothLora(DreamBoothLoraConfig(class_word="dog"), backbone)
+    kohya = {run: method.save(tmp_path / "runs" / run, step=1)[1] for run in ("rex", "Fido 2")}
+    assert {run: f.name for run, f in kohya.items()} == {"rex": "rex.kohya.safetensors", "Fido 2": "Fido-2.kohya.safetensors"}
+    for run, f in kohya.items():
+        stem = f.name.removesuffix(".safetensors")
+        assert file_metadata(f)["ss_output_name"] == stem.removesuffix(".kohya")  # as kohya's trainer records it
+        howto = (f.parent / "HOW-TO-USE.txt").read_text()
+        assert f"{f.name}\n  A1111 / Forge: copy into models/Lora/, then add <lora:{stem}:1> to the prompt and write sks dog" in howto
+        assert "ComfyUI: copy into models/loras/, load it with a LoraLoader node, then write sks dog" in howto
+        assert 'pipe.load_lora_weights("RUN_FOLDER", weight_name="pytorch_lora_weights.safetensors"), then write sks dog' in howto
+
+
 def test_kohya_resolution_is_the_runs(tmp_path):
     assert cli.main(["train", "--method", "dreambooth-lora", "--images", str(EXAMPLE_IMAGES), "--class-word", "cat",
                      "--steps", "1", "--resolution", "16", "--num-validation-images", "0", "--output", str(tmp_path)]) == 0
-    assert file_metadata(tmp_path / "sks.kohya.safetensors")["ss_resolution"] == "(16, 16)"
+    assert file_metadata(tmp_path / f"{run_name(tmp_path)}.kohya.safetensors")["ss_resolution"] == "(16, 16)"
 
 
 @pytest.mark.parametrize("sdxl, width, prediction, expected", [
@@ -142,7 +161,12 @@ def test_dis2booth_fused_lora_equals_the_two_adapters(tmp_path):
     method._split()
     randomise(method)
     ours = draw(backbone.pipe)
-    method.save(tmp_path, step=1)
+    files = method.save(tmp_path, step=1)
+    name = run_name(tmp_path)  # other tools see the run's name, the parts' files say which part they are
+    assert [f.relative_to(tmp_path).as_posix() for f in files if f.name.endswith(".kohya.safetensors")] == [
+        f"{name}.kohya.safetensors", f"anchor/{name}-anchor.kohya.safetensors", f"delta/{name}-delta.kohya.safetensors"]
+    howto = (tmp_path / "HOW-TO-USE.txt").read_text()
+    assert f"<lora:{name}.kohya:1>" in howto and "sks cat" in howto and "set_adapters(['anchor', 'delta'], [0.7, 0.4])" in howto
     fused = build_tiny_pipeline("tiny")
     fused.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     parts = build_tiny_pipeline("tiny")
@@ -150,7 +174,7 @@ def test_dis2booth_fused_lora_equals_the_two_adapters(tmp_path):
     parts.load_lora_weights(str(tmp_path / "delta"), weight_name="pytorch_lora_weights.safetensors", adapter_name="delta")
     parts.set_adapters(["anchor", "delta"], adapter_weights=[0.7, 0.4])
     kohya = build_tiny_pipeline("tiny")
-    kohya.load_lora_weights(str(tmp_path), weight_name="sks.kohya.safetensors")
+    kohya.load_lora_weights(str(tmp_path), weight_name=f"{name}.kohya.safetensors")
     assert abs(ours - draw(build_tiny_pipeline("tiny"))).max() > 1e-3
     for pipe in (fused, parts, kohya):
         assert abs(draw(pipe) - ours).max() < 1e-4

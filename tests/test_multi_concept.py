@@ -12,7 +12,7 @@ from personalize import cli
 from personalize.backbone import load_backbone
 from personalize.generate import generate_images, install_concept
 from personalize.methods import Concept, DreamBoothLora, TextualInversion
-from personalize.trainer import LatentCache
+from personalize.latents import LatentCache
 
 
 def folders(tmp_path):
@@ -47,7 +47,7 @@ def test_textual_inversion_learns_one_embedding_per_concept_in_the_format_of_a_r
 
     for name in ("a", "b"):
         folder = tmp_path / "both" / "concepts" / name
-        assert sorted(p.name for p in folder.iterdir()) == [f"{name}-emb.pt", "learned_embeds.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == [f"both-{name}-emb.pt", "learned_embeds.safetensors"]
         assert list(load_file(str(folder / "learned_embeds.safetensors"))) == [f"<{name}>"]
     alone = load_file(str(tmp_path / "alone" / "learned_embeds.safetensors"))["<a>"]
     both = load_file(str(tmp_path / "both" / "concepts" / "a" / "learned_embeds.safetensors"))["<a>"]

@@ -61,8 +61,8 @@ def test_readme_loading_snippet_runs_and_loads_each_file(tmp_path, monkeypatch, 
     for tokenizer, encoder, vector in zip(tokenizers, encoders, vectors):
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<concept>")]
         torch.testing.assert_close(row, vector[0])
-    if model == "tiny":  # ... the A1111 file's name is its token ...
+    if model == "tiny":  # ... the A1111 file's name, the run's, is its token ...
         torch.testing.assert_close(
-            pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("concept-emb")], vectors[0][0])
+            pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("star-emb")], vectors[0][0])
     assert [n for names in pipe.get_list_adapters().values() for n in names]  # ... and the LoRA is loaded
     assert np.abs(draw(pipe) - draw(build_tiny_pipeline(model))).max() > 1e-3

@@ -15,9 +15,10 @@ from conftest import EXAMPLE_IMAGES
 from personalize import cli
 from personalize.backbone import load_backbone
 from personalize.errors import PersonalizeError
+from personalize.export import run_name
 from personalize.methods import Batch, Method
 from personalize.methods import Batex, BatexConfig, TextualInversion, TextualInversionConfig
-from personalize.trainer import checkpoint_dirs
+from personalize.checkpoints import checkpoint_dirs
 
 
 def run(args, expect=0):
@@ -38,7 +39,7 @@ def held_out_loss(method: str, learned: list[torch.Tensor] | None, model: str = 
     """The denoising loss on a fixed set of (noise, timestep) draws over `images`, with `learned` (per text encoder:
     BaTex's w, TI's vectors) in place of the initialisation; None = the initialisation."""
     from personalize.data import load_image_folder
-    from personalize.trainer import LatentCache
+    from personalize.latents import LatentCache
 
     backbone = load_backbone(model)
     backbone.freeze()
@@ -133,7 +134,7 @@ def test_diffusers_spellings_are_accepted(tmp_path):
     assert list(embeds(out)) == ["<kitty>"]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (resolved["batch_size"], resolved["lr"], resolved["checkpointing_steps"]) == (3, 1e-3, 1)
-    assert (out / "kitty-emb.pt").is_file() and (out / "validation" / "step-000002.png").is_file()
+    assert (out / "o-emb.pt").is_file() and (out / "validation" / "step-000002.png").is_file()  # named after the run
 
 
 def plain_diffusers_draw(model: str, embedding, prompt: str = "a photo of <concept>"):
@@ -177,7 +178,7 @@ def test_batex_trains_on_v_prediction_and_sdxl(tmp_path, model):
     keys = ["clip_l", "clip_g"] if model == "tiny-xl" else ["<concept>"]
     assert sorted(files) == sorted(keys) and len(encoders) == len(keys)
     if model == "tiny-xl":
-        assert (tmp_path / "concept-emb.safetensors").is_file()
+        assert (tmp_path / f"{run_name(tmp_path)}-emb.safetensors").is_file()
     cat = backbone.tokenizers[0]("cat", add_special_tokens=False).input_ids[0]
     init = []
     for i, (key, encoder) in enumerate(zip(keys, encoders)):
@@ -299,7 +300,7 @@ def test_sdxl_gets_each_images_size_and_crop_conditioning(tmp_path, monkeypatch)
 
     from personalize.backbone import Backbone
     from personalize.data import load_image_folder
-    from personalize.trainer import sdxl_time_ids
+    from personalize.backbone import sdxl_time_ids
 
     Image.new("RGB", (90, 30), "red").save(tmp_path / "wide.png")
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "square.png")
@@ -337,7 +338,7 @@ def test_ti_with_lora_steps_vectors_and_unet_lora_together_at_their_own_rates(tm
     assert ups and all(k.startswith("unet.") for k in lora_file) and any(v.abs().max() > 0 for v in ups)  # B starts at 0
     cat = load_backbone("tiny").text_encoders[0].get_input_embeddings().weight[2368]
     assert not torch.allclose(embeds(out)["<concept>"][0], cat)
-    assert (out / "concept.kohya.safetensors").is_file()
+    assert (out / "ti-lora.kohya.safetensors").is_file()
 
     def draw(*files):  # in float, before 8-bit rounding: the 3-step LoRA moves pixels by a few grey levels only
         backbone = load_backbone("tiny")
@@ -351,7 +352,7 @@ def test_ti_with_lora_steps_vectors_and_unet_lora_together_at_their_own_rates(tm
     _, vectors_only = draw(out / "learned_embeds.safetensors")
     effect = (both - vectors_only).abs().max().item()
     assert effect > 1e-3  # the LoRA changes what the folder draws
-    _, kohya = draw(out / "learned_embeds.safetensors", out / "concept.kohya.safetensors")
+    _, kohya = draw(out / "learned_embeds.safetensors", out / "ti-lora.kohya.safetensors")
     assert (kohya - both).abs().max().item() < effect / 100  # the kohya file is the same LoRA, not a similar one
 
 
@@ -459,7 +460,7 @@ def _one_ulp_up(t: torch.Tensor) -> torch.Tensor:
     return changed
 
 
-@pytest.mark.parametrize("artefact", ["learned_embeds.safetensors", "concept-emb.pt"])
+@pytest.mark.parametrize("artefact", ["learned_embeds.safetensors", "run-emb.pt"])
 def test_an_artefact_that_reads_back_different_fails_the_run(tmp_path, monkeypatch, capsys, artefact):
     """The "read back before success" check: a file that reads back one ULP off (a failing disk) fails the run
     with the disk message naming the file, and run.json never says finished."""
@@ -479,10 +480,10 @@ def test_an_artefact_that_reads_back_different_fails_the_run(tmp_path, monkeypat
             return data
 
         monkeypatch.setattr(torch, "load", altered_torch_load)
-    run(base_args(tmp_path, "--steps", 2, "--lr", "5e-3"), expect=2)
+    run(base_args(tmp_path / "run", "--steps", 2, "--lr", "5e-3"), expect=2)
     err = capsys.readouterr().err
-    assert str(tmp_path / artefact) in err and "did not read back identical" in err and "disk" in err
-    assert json.loads((tmp_path / "run.json").read_text())["status"] != "finished"
+    assert str(tmp_path / "run" / artefact) in err and "did not read back identical" in err and "disk" in err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] != "finished"
 
 
 @pytest.mark.parametrize("verb", [["train", "--method", m] for m in ("textual-inversion", "batex", "dreambooth-lora", "dis2booth", "singleinsert")]

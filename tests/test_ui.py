@@ -68,9 +68,23 @@ def test_a_preset_is_named_in_the_command_and_only_changes_from_it_become_flags(
 def test_each_field_says_its_help_and_its_default_from_the_dataclass_or_the_preset():
     by_name = {o.name: o for o in O.options_for("textual-inversion")}
     base = O.baseline("textual-inversion", "toy")
-    assert O.help_line(by_name["num_vectors"], base["num_vectors"]) == f"{by_name['num_vectors'].help} (default: 1)"
+    assert O.help_line(by_name["num_vectors"], base["num_vectors"]) == f"--num-vectors · {by_name['num_vectors'].help} (default: 1)"
     assert O.help_line(by_name["lr"], base["lr"]).endswith("(default: 0.005, from the preset)")
-    assert O.help_line(by_name["batch_size"], None) == by_name["batch_size"].help  # its help says what decides it
+    assert O.help_line(by_name["batch_size"], None) == f"--batch-size · {by_name['batch_size'].help}"  # its help says what decides it
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "dis2booth", "singleinsert"])
+def test_fields_are_labelled_in_words_and_say_their_default_once(method):
+    """Issue 24.6: labels were raw flags, and "(default: the method's) (default: 300, from the preset)" doubled."""
+    by_name = {o.name: o for o in O.options_for(method)}
+    base = O.baseline(method, "toy" if method == "textual-inversion" else None)
+    assert by_name["steps"].label == "Steps" and by_name["lr"].label == "Learning rate"
+    assert all(not o.label.startswith("-") for o in by_name.values())
+    for option in by_name.values():
+        line = O.help_line(option, base[option.name])
+        assert line.startswith(option.flag + " · ") and line.count("(default:") <= 1, line
+    if method == "textual-inversion":
+        assert O.help_line(by_name["steps"], base["steps"]) == "--steps · training steps (default: 300, from the preset)"
 
 
 def test_field_values_are_read_with_the_options_types_and_refused_with_the_flag_named():
@@ -84,7 +98,124 @@ def test_field_values_are_read_with_the_options_types_and_refused_with_the_flag_
         O.parse_value(by_name["distance"], "manhattan")
 
 
+def test_the_dataset_field_trains_from_its_file_without_images():
+    """Issue 24.6: the UI always added --images, which the trainer refuses beside --dataset."""
+    argv = O.train_argv("textual-inversion", "toy", "uploads/x", "runs/x", {"dataset": "sets.toml", "init_word": "star"})
+    assert "--images" not in argv and argv[argv.index("--dataset") + 1] == "sets.toml"
+    O.check_argv(argv, "textual-inversion", {"dataset": "sets.toml"})
+
+
+def test_bad_form_values_come_back_as_a_message_not_argparse_usage(capsys):
+    """Issue 24.6: a refused value printed argparse's usage into the server's terminal."""
+    argv = O.train_argv("dreambooth-lora", "toy", "imgs", "out", {}) + ["--rank", "many"]
+    with pytest.raises(PersonalizeError, match="--rank: invalid int value: 'many'"):
+        O.check_argv(argv, "dreambooth-lora", {})
+    assert capsys.readouterr().err == ""
+
+
+def test_what_personalize_train_refuses_is_known_before_launch_and_names_its_field(tmp_path):
+    """Issue 24.6: Train was accepted without an init word, then the job loaded for ~8 s and failed. The trainer's
+    own checks (`trainer.check_run`, the methods' `check`) run before anything loads, for the CLI and the UI."""
+    from personalize.configs import build_configs
+    from personalize.trainer import check_run
+
+    argv = O.train_argv("textual-inversion", "no-such/model", str(tmp_path), str(tmp_path / "out"), {})
+    train_cfg, method_cfg = build_configs(argv[1:])
+    started = time.process_time()
+    with pytest.raises(PersonalizeError, match="--init-word is required") as refused:
+        check_run(train_cfg, method_cfg)  # no model is loaded: a missing one would fail differently
+    assert O.option_named_in(str(refused.value), O.options_for("textual-inversion")).name == "init_word"
+    for method, flag in (("dreambooth-lora", "--class-word"), ("singleinsert", "--class-word")):
+        cfgs = build_configs(O.train_argv(method, "toy", str(tmp_path), str(tmp_path / "out"), {})[1:])
+        with pytest.raises(PersonalizeError, match=flag):
+            check_run(*cfgs)
+    check_run(*build_configs([*argv[1:], "--init-word", "star"]))
+    assert time.process_time() - started < 5  # (a generous bound on CPU time: nothing was loaded)
+
+
+def test_the_ui_previews_while_it_trains_unless_told_otherwise():
+    """Issue 24.6: the CLI's default draws one preview, at the end; the page would show nothing until then."""
+    assert O.with_ui_defaults("textual-inversion", "toy", {})["validation_steps"] == 60  # 300 steps / 5
+    assert O.with_ui_defaults("textual-inversion", "toy", {"steps": 20})["validation_steps"] == 4
+    assert O.with_ui_defaults("textual-inversion", None, {"validation_steps": 7})["validation_steps"] == 7
+
+
+def test_a_new_tab_starts_afresh_unless_a_training_job_is_running_or_asked_for(tmp_path):
+    """Issue 24.6: a new tab took over the last job's settings, a failed job's bad --model included."""
+    from personalize.ui.app import job_to_open
+
+    jobs = JobManager(Workspace(tmp_path), python=fake_python(tmp_path, "true"))
+    failed = Job("f", "train", ["train", "--model", "no/such"], "runs/a", state="failed")
+    jobs.jobs.append(failed)
+    assert job_to_open(jobs, None) is None
+    assert job_to_open(jobs, "f") is failed  # the Jobs tab's "open"
+    running = Job("r", "train", ["train"], "runs/b", state="running", pid=os.getpid())
+    jobs.jobs.append(running)
+    assert job_to_open(jobs, None) is running  # a closed browser loses nothing
+
+
+def test_the_loss_curve_is_smoothed_as_tensorboard_does():
+    from personalize.ui.tab_train import smoothed
+
+    noisy = [1.0, 0.0] * 50
+    curve = smoothed(noisy)
+    assert curve[0] == 1.0 and abs(curve[-1] - 0.5) < 0.06 and max(curve[20:]) - min(curve[20:]) < 0.15
+
+
+def test_generate_takes_a_negative_prompt_size_steps_and_guidance():
+    from personalize.ui.tab_use import generate_argv
+
+    argv = generate_argv([("runs/a", ""), ("runs/b", "<b>")], ["a <concept>"], "runs/a/samples/1", seed=3, count=2,
+                         steps="20", guidance="", negative_prompt="blurry", resolution="512", sampler="euler-a")
+    assert argv == ["generate", "--concept", "runs/a", "--concept", "runs/b", "--token", "", "--token", "<b>",
+                    "--prompt", "a <concept>", "--seed", "3", "--num-images", "2", "--steps", "20",
+                    "--negative-prompt", "blurry", "--resolution", "512", "--sampler", "euler-a",
+                    "--output", "runs/a/samples/1"]
+
+
+def test_each_job_says_how_long_it_took():
+    from personalize.ui.tab_use import duration
+
+    assert duration(Job("x", "train", [], "a", started=100.0, ended=165.0)) == "1:05"
+    assert duration(Job("x", "train", [], "a", started=100.0), now=110.0) == "0:10"
+    assert duration(Job("x", "train", [], "a")) == ""
+
+
 # -- the workspace ------------------------------------------------------------------------------------------------
+
+
+def test_the_page_names_models_and_datasets_only_in_the_workspace_or_given_at_start(tmp_path):
+    """Issue 24.6: --model /etc, --model-config /etc and --dataset /etc/passwd were accepted from the page."""
+    models = tmp_path / "models"
+    (models / "sd15").mkdir(parents=True)
+    ws = Workspace(tmp_path / "ws", model_dirs=(str(models),))
+    for spec in ("toy", "tiny-xl", "random:sd15", "runwayml/stable-diffusion-v1-5", str(models / "sd15"), "in-workspace"):
+        ws.check_model(spec)
+    ws.check_model("/opt/started-with", started_with="/opt/started-with")  # PERSONALIZE_MODEL, when the UI started
+    for spec in ("/etc", "../models/../..", str(tmp_path), "~/x.safetensors"):
+        with pytest.raises(PersonalizeError, match="outside the workspace"):
+            ws.check_model(spec, "--model-config")
+    with pytest.raises(PersonalizeError, match="outside the workspace"):
+        ws.check_dataset("/etc/passwd")
+    (ws.root / "sets.toml").write_text('[[subsets]]\nimages = "../../elsewhere"\n')
+    with pytest.raises(PersonalizeError, match="outside the workspace"):
+        ws.check_dataset("sets.toml")
+    (ws.root / "sets.toml").write_text('[[subsets]]\nimages = "uploads/a"\n')
+    assert ws.check_dataset("sets.toml") == ws.root / "sets.toml"
+
+
+def test_captions_are_edited_as_the_file_the_loader_reads(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    image = ws.save_upload("star", "0.png", png_bytes())
+    caption = ws.save_caption(image, "  a photo of sks star \n")
+    assert caption == image.with_suffix(".txt") and caption.read_text() == "a photo of sks star\n"
+    assert "caption: 'a photo of sks star'" in describe_image(image, 32).notes
+    ws.save_caption(image, "")
+    assert not caption.exists()
+    outside = tmp_path / "x.png"
+    outside.write_bytes(png_bytes())
+    with pytest.raises(PersonalizeError, match="outside the workspace"):
+        ws.save_caption(outside, "no")
 
 
 def test_paths_outside_the_workspace_are_refused(tmp_path):
@@ -325,3 +456,89 @@ def test_the_report_shows_settings_as_a_table_small_images_enlarged_and_each_sam
     assert "<pre>" not in page and "<th>images per prompt</th><td>a &lt;c&gt;: 2</td>" in page
     assert page.count("image-rendering:pixelated") == 2 and "width='128'" in page
     assert page.count("judge: ") == 2 and "star" in page.split("judge: ")[1]  # the toy judge's reading beside each
+
+
+# -- the server's guards ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_ui(tmp_path):
+    """`personalize ui` in a child process on a free local port, as a user starts it; its port once it answers."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    log = open(tmp_path / "ui.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "personalize.cli", "ui", "--workspace", str(tmp_path / "ws"),
+                               "--port", str(port), "--no-browser"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "ui.log").read_text()
+                time.sleep(0.2)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=20)
+        log.close()
+
+
+def _raw_request(port: int, lines: list[str]) -> str:
+    """Send a raw HTTP/1.1 request (headers as a browser would send them) and return the status line."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return conn.recv(4096).decode("latin-1").split("\r\n")[0]
+
+
+def _websocket_handshake(port: int, host: str, origin: str) -> str:
+    return _raw_request(port, [
+        "GET /_nicegui_ws/socket.io/?EIO=4&transport=websocket HTTP/1.1", f"Host: {host}", f"Origin: {origin}",
+        "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13"])
+
+
+def test_the_server_answers_only_its_own_host_names_and_pages(live_ui):
+    """Issue 24.6: with no --auth, any web page the user visits could drive the UI — by DNS rebinding (a foreign
+    Host header) or by opening its socket.io websocket from another origin."""
+    port = live_ui
+    own = f"127.0.0.1:{port}"
+    assert " 200 " in _raw_request(port, ["GET / HTTP/1.1", f"Host: {own}", "Connection: close"])
+    assert " 200 " in _raw_request(port, ["GET / HTTP/1.1", f"Host: localhost:{port}", "Connection: close"])
+    assert " 421 " in _raw_request(port, ["GET / HTTP/1.1", f"Host: rebound.example:{port}", "Connection: close"])
+    assert " 421 " in _raw_request(port, ["GET /_nicegui_ws/socket.io/?EIO=4&transport=polling HTTP/1.1",
+                                          f"Host: rebound.example:{port}", "Connection: close"])
+    assert " 403 " in _raw_request(port, ["POST /_nicegui_ws/socket.io/?EIO=4&transport=polling HTTP/1.1", f"Host: {own}",
+                                          "Origin: https://evil.example", "Content-Length: 0", "Connection: close"])
+    assert " 101 " in _websocket_handshake(port, own, f"http://{own}")  # the page's own websocket
+    assert " 101 " not in _websocket_handshake(port, own, "https://evil.example")
+    assert " 101 " not in _websocket_handshake(port, own, f"http://127.0.0.1:{port + 1}")  # another local port
+    assert " 101 " not in _websocket_handshake(port, f"rebound.example:{port}", f"http://rebound.example:{port}")
+
+
+def test_the_guard_allows_the_names_of_the_address_it_listens_on():
+    from personalize.ui.guards import allowed_host_names
+
+    assert {"localhost", "127.0.0.1", "::1"} <= allowed_host_names("127.0.0.1")
+    assert "localhost" not in allowed_host_names("192.168.1.5") and "192.168.1.5" in allowed_host_names("192.168.1.5")
+    assert "ui.lan" in allowed_host_names("0.0.0.0", ("ui.lan",))
+
+
+def test_a_jobs_log_shows_a_progress_bar_once_as_a_terminal_does(tmp_path):
+    """tqdm redraws its bar with carriage returns: the Jobs log shows its last state, not one line per redraw."""
+    ws = Workspace(tmp_path)
+    bar = "".join(f"\rtrain: {i}/300 loss={i / 1000:.3f}" for i in range(0, 301, 50))
+    jobs = JobManager(ws, python=fake_python(tmp_path, f"printf 'loading\\n{bar}\\ndone\\n'"))
+    job = jobs.submit("generate", ["generate"], "a")
+    wait_until(jobs, lambda: job.state == "finished")
+    assert jobs.log_tail(job).splitlines()[-3:] == ["loading", "train: 300/300 loss=0.300", "done"]

@@ -134,20 +134,45 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
     files = sorted(EXAMPLE.glob("*.png"))
     page.locator("input[type=file]").set_input_files([str(f) for f in files])
     page.locator("#images-ready").filter(has_text=f"{len(files)} image(s) ready").wait_for(timeout=30_000)
-    page.screenshot(path=shots / "2-images.png", full_page=True)
     workspace = tmp_path / "workspace"
     assert sorted(p.name for p in (workspace / "uploads" / "star").glob("*.png")) == [f.name for f in files]
+    # each image's caption is the NAME.txt beside it
+    page.locator("textarea[data-caption='000.png']").fill("a blue striped star")
+    page.locator("textarea[data-caption='000.png']").blur()
+    caption = workspace / "uploads" / "star" / "000.txt"
+    for _ in range(40):
+        if caption.is_file():
+            break
+        page.wait_for_timeout(250)
+    assert caption.read_text() == "a blue striped star\n"
+    page.screenshot(path=shots / "2-images.png", full_page=True)
 
-    # 3. settings: 20 steps, the init word Textual Inversion needs
+    # 4 before 3: without the init word Textual Inversion needs, Train waits and says why, in the trainer's words
+    page.get_by_role("tab", name="4 · Train").click()
+    page.get_by_text("--init-word is required").first.wait_for(timeout=10_000)
+    assert page.locator("#train").is_disabled()
+    copy = page.locator(".cmd .nicegui-code-copy")
+    assert float(copy.evaluate("e => getComputedStyle(e).opacity")) >= 0.9  # the copy button is seen
+
+    # 3. settings: the refusal beside its field; 20 steps and the init word put it right
     page.get_by_role("tab", name="3 · Method & settings").click()
-    page.get_by_label("--init-word").fill("star")
-    page.get_by_label("--steps").fill("20")
+    init_word = page.locator("[data-option=init_word]")
+    assert "--init-word is required" in init_word.locator("xpath=ancestor::label").inner_text()
+    page.screenshot(path=shots / "3-settings-refused.png", full_page=True)
+    page.get_by_label("Init word").fill("star")
+    page.get_by_label("Steps", exact=True).fill("20")
     page.screenshot(path=shots / "3-settings.png", full_page=True)
 
     # 4. train: the command shown is the one that runs; progress to the end, then a preview on the page
     page.get_by_role("tab", name="4 · Train").click()
     command = page.locator(".cmd").inner_text()
     assert "personalize train --method textual-inversion" in command and "--steps 20" in command and "--init-word star" in command
+    assert "--validation-steps 4" in command  # previews while it trains: five by default
+    page.get_by_role("tab", name="3 · Method & settings").click()
+    page.get_by_label("Validation steps").fill("20")  # one here, at the end: a preview costs seconds on a busy CPU
+    page.get_by_role("tab", name="4 · Train").click()
+    assert "--validation-steps 20" in page.locator(".cmd").inner_text()
+    assert page.locator("#train").is_enabled()
     page.locator("#train").click()
     _wait_for_status(page, "training", 90)
     page.screenshot(path=shots / "4-training.png")
@@ -156,9 +181,19 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
     page.screenshot(path=shots / "5-trained.png")
     assert json.loads((workspace / "runs" / "star" / "run.json").read_text())["status"] == "finished"
 
-    # a second tab sees the same job
-    other = browser.new_page(viewport={"width": 1280, "height": 800})
+    # a second tab starts afresh (another concept, its own settings), and opens this job from the Jobs tab
+    other = browser.new_page(viewport={"width": 1280, "height": 1000})
     other.goto(ui_url)
+    assert other.get_by_label("Concept name").input_value() == "my-concept"
+    other.get_by_role("tab", name="Jobs").click()
+    other.get_by_text("took ").first.wait_for(timeout=10_000)  # each job's duration
+    other.get_by_text("log", exact=True).first.click()
+    other.get_by_text("$ personalize train").first.wait_for(timeout=10_000)  # and its log
+    other.wait_for_timeout(500)  # the expansion opens: photograph it open
+    other.screenshot(path=shots / "8-jobs.png", full_page=True)
+    other.get_by_role("button", name="open").first.click()
+    other.wait_for_url("**/?job=*")
+    assert other.get_by_label("Concept name").input_value() == "star"
     assert _wait_for_status(other, "finished", 10).startswith("finished")
     other.close()
 
@@ -181,6 +216,8 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
     page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
     page.mouse.up()
     page.locator("#mask-info").filter(has_text=re.compile(r"^[1-9]\d*% of the image")).wait_for(timeout=10_000)
+    bubble, toggle = page.locator("#brush .q-slider__pin").bounding_box(), page.locator("#brush-mode").bounding_box()
+    assert bubble["y"] >= toggle["y"] + toggle["height"], "the brush-size bubble covers the paint/erase toggle"
     page.locator("#save-mask").click()
     mask = workspace / "uploads" / "star" / "000.mask.png"
     for _ in range(40):

@@ -153,6 +153,10 @@ class Backbone:
         """SDXL's (original h, w, crop top, left, target h, w) for an uncropped square image: [batch, 6]."""
         return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32).repeat(batch, 1)
 
+    def training_time_ids(self, images, flip: bool) -> torch.Tensor | None:
+        """SDXL's time ids of each training image (then, with flip, of each mirror); None for SD 1/2."""
+        return sdxl_time_ids(images, flip) if self.is_sdxl else None
+
     def unet_forward(self, noisy, timesteps, prompt_embeds, pooled=None, time_ids: torch.Tensor | None = None):
         """The UNet's prediction; for SDXL adds the pooled text and the size/crop time ids ([B, 6]; default: square)."""
         added = None
@@ -198,6 +202,9 @@ def _pool_at_first_eos(text_encoder, eos_token_id: int) -> None:
     `argmax(input_ids)` — the placeholder, whose added id is the largest, instead of the end of text. SDXL feeds
     that pooled vector to the UNet, so any concept would corrupt it. Setting the instance attribute transformers
     reads (not a code patch; 4.x keeps it on `.text_model`, 5.x on the model) selects its first-EOS rule instead.
+    End-of-text is also where A1111, Forge and ComfyUI pool. They inject vectors at prompt positions and keep the ids
+    in the vocabulary. Plain diffusers needs the same attribute set on `text_encoder_2`, which is the first line of
+    the README's SDXL snippet (tests/test_sdxl_pooling.py).
     """
     for module in (text_encoder, getattr(text_encoder, "text_model", None)):
         if module is not None and getattr(module, "eos_token_id", None) == 2:
@@ -211,6 +218,19 @@ MODEL_HELP = (
     "weights), a local diffusers folder (with model_index.json), a single .safetensors/.ckpt checkpoint, or a hub id "
     "that is in your Hugging Face cache"
 )
+
+
+def sdxl_time_ids(images, flip: bool) -> torch.Tensor:
+    """SDXL's (original h, w, crop top, left, target h, w) per image, then (with flip) per mirror, whose crop starts
+    at resized width − left − target width from its own left edge. The target is the image's own (bucket) size."""
+    rows, mirrored = [], []
+    for im in images:
+        h, w = im.original_size
+        top, left = im.crop_top_left
+        target_h, target_w = im.pixels.shape[-2:]
+        rows.append([h, w, top, left, target_h, target_w])
+        mirrored.append([h, w, top, im.resized_size[1] - left - target_w, target_h, target_w])
+    return torch.tensor(rows + (mirrored if flip else []), dtype=torch.float32)
 
 
 def sampling_device() -> torch.device:

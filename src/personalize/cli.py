@@ -31,7 +31,7 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     from .backbone import load_backbone, sampling_device
     from .concepts import renamed
-    from .generate import generate_images, install_concept, make_grid, run_settings, save_png
+    from .generate import SAMPLERS, generate_images, install_concept, make_grid, run_settings, save_png
 
     p = argparse.ArgumentParser(prog="personalize generate", description="Draw prompts with one or more learned concepts.")
     p.add_argument("--model", "--pretrained_model_name_or_path", default=None,
@@ -49,6 +49,8 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, else 30)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's recommended, else 7.5)")
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="sampler, from the model's own noise schedule (default: the scheduler the model ships with)")
     p.add_argument("--output", "--output_dir", required=True, help="folder for the PNGs and grid.png")
     a = p.parse_args(argv)
     run = {} if a.model or not a.concept else run_settings(a.concept[0])  # default: the model the run trained on
@@ -74,7 +76,7 @@ def cmd_generate(argv: list[str]) -> int:
     backbone.to(sampling_device())
     seeds = [a.seed + i for i in range(a.num_images)]
     images = generate_images(backbone, a.prompt, seeds, steps=a.steps, guidance=a.guidance,
-                             resolution=a.resolution, negative_prompt=a.negative_prompt)
+                             resolution=a.resolution, negative_prompt=a.negative_prompt, sampler=a.sampler)
     out = Path(a.output)
     for i, image in enumerate(images):
         save_png(image, out / f"{i // len(seeds):02d}-{seeds[i % len(seeds)]}.png")
@@ -200,6 +202,10 @@ def cmd_ui(argv: list[str]) -> int:
     p.add_argument("--auth", default=None, help="USER:PASSWORD asked by the browser (HTTP Basic) before anything is shown")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image file an upload may be")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--allow-host", action="append", default=[], help="another host name the browser may use to reach "
+                   "the UI (a reverse proxy's; repeatable); any other Host header is refused (DNS rebinding)")
+    p.add_argument("--model-dir", action="append", default=[], help="a model folder or file, or a folder of them, outside "
+                   "the workspace that the page may use as --model (repeatable)")
     a = p.parse_args(argv)
     from .ui.guards import parse_auth  # (no third-party imports: a bad --auth is refused at once)
 
@@ -209,7 +215,8 @@ def cmd_ui(argv: list[str]) -> int:
     except ImportError as exc:
         raise PersonalizeError(f"personalize ui needs its extra: pip install 'personalize[ui]' ({exc})") from exc
     try:
-        serve(a.workspace, a.host, a.port, auth, a.max_upload_mb, show=not a.no_browser)
+        serve(a.workspace, a.host, a.port, auth, a.max_upload_mb, show=not a.no_browser, allow_hosts=tuple(a.allow_host),
+              model_dirs=tuple(a.model_dir))
     except KeyboardInterrupt:
         pass
     print("personalize ui stopped; jobs it started go on (a new `personalize ui` shows them)")
@@ -249,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     except PersonalizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: continue with --resume latest", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or the trainer's TrainingStopped (Ctrl-C / SIGTERM, checkpoint saved)
+        print(f"{exc or 'interrupted'}: continue with --resume latest", file=sys.stderr)
         return 130
 
 

@@ -10,16 +10,25 @@ Embedding formats
   the layout A1111 and ComfyUI read and diffusers loads per encoder.
 - `<name>.pt` (SD 1.x/2.x) — A1111's classic format `{"string_to_param": {"*": [n, d]}, "name": ...}`, plain
   tensors / strings / ints only, so `torch.load(weights_only=True)` opens it (diffusers does). For SDXL the
-  A1111 file is `<name>.safetensors`, a copy of the clip_l/clip_g file. `<name>` is the placeholder without `<>`
-  plus "-emb" (`a1111_name`): `<star>` gives `star-emb.pt`, used as `star-emb` in A1111 and diffusers prompts.
+  A1111 file is `<name>.safetensors`, a copy of the clip_l/clip_g file. `<name>` is the run's name plus "-emb"
+  (`a1111_name`): a run in `runs/my-cat` writes `my-cat-emb.pt`, used as `my-cat-emb` in A1111 and diffusers prompts.
+
+Names other tools see. A1111 and ComfyUI keep every embedding and LoRA in one folder each and call them by file
+name, so those files are named after the run (`run_name`: its output folder's name, which is the UI's concept
+name), not after the token: every run with the default `<concept>` would otherwise write the same `concept-emb.pt`,
+and copying two of them into A1111 would overwrite one with the other. The diffusers files keep fixed names
+(`learned_embeds.safetensors`, `pytorch_lora_weights.safetensors`: what diffusers looks for in a folder) and the
+token the user trained.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -76,22 +85,45 @@ def _check_round_trip(path: Path, expected: dict, loaded: dict) -> None:
 A1111_SUFFIX = "-emb"
 
 
-def a1111_name(token: str) -> str:
-    """The A1111 / ComfyUI embedding's name: its file name, and the word a prompt writes to use it there.
+def file_stem(name: str) -> str:
+    """`name` (a run's or a concept's, as the user typed it) as a file stem every tool reads back as typed.
 
-    The placeholder without its `<>` could be an ordinary word ("star"): diffusers refuses a name already in the
-    vocabulary, and A1111 would replace that word in every prompt. So the name ends in "-emb": CLIP's tokenizer
-    always splits letters from "-", so no such name is ever one vocabulary entry, and A1111 only matches it where a
-    prompt spells out the whole name.
+    ASCII letters, digits, "_" and "-" only: A1111 splits a stem at its last ".", ComfyUI's `embedding:NAME` ends at
+    a space, and a prompt is easier to type without accents ("Mon chat été" gives "Mon-chat-ete"). A name with no
+    such letter at all keeps a short hash of itself, so two of them still differ.
     """
-    return (re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "concept") + A1111_SUFFIX
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", ascii_name).strip("-_")
+    return stem or "run-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
-def save_embeddings(output_dir: Path, token: str, vectors: list[torch.Tensor], *, step: int, model_name: str) -> list[Path]:
-    """Write the diffusers file and the A1111 file for one concept (`vectors`: one [n, d] per text encoder)."""
+def run_name(output_dir: str | Path) -> str:
+    """The name a run's files carry where other tools see them: its output folder's name (the UI's concept name,
+    `runs/NAME`), made a `file_stem`. Two runs in different folders get different names whatever their token."""
+    return file_stem(Path(output_dir).resolve().name)
+
+
+def a1111_name(name: str) -> str:
+    """The A1111 / ComfyUI embedding's name for a run (or a run's concept) called `name`: its file name, and the word
+    a prompt writes to use it there.
+
+    A run's name could be an ordinary word ("star"): diffusers refuses a name already in the vocabulary, and A1111
+    would replace that word in every prompt. So the name ends in "-emb": CLIP's tokenizer always splits letters from
+    "-", so no such name is ever one vocabulary entry, and A1111 only matches it where a prompt spells out the whole
+    name.
+    """
+    return file_stem(name) + A1111_SUFFIX
+
+
+def save_embeddings(output_dir: Path, token: str, vectors: list[torch.Tensor], *, step: int, model_name: str,
+                    name: str | None = None) -> list[Path]:
+    """Write the diffusers file and the A1111 file for one concept (`vectors`: one [n, d] per text encoder).
+
+    `name`: what A1111 and ComfyUI call it (`a1111_name`); default the output folder's name (`run_name`).
+    """
     output_dir = Path(output_dir)
     meta = {"token": token, "num_vectors": str(vectors[0].shape[0]), "step": str(step), "base_model": model_name}
-    name = a1111_name(token)
+    name = a1111_name(name or run_name(output_dir))
     if len(vectors) == 2:  # SDXL
         tensors = dict(zip(SDXL_KEYS, vectors))
         return [

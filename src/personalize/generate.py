@@ -6,6 +6,7 @@ generate` draws.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -100,6 +101,36 @@ def _install_embedding(backbone, path: Path, token: str | None) -> str:
     return token
 
 
+# Samplers a user of A1111 or ComfyUI knows by name -> diffusers' scheduler class; each is built from the model's own
+# scheduler config, so its noise schedule and prediction type (ε or v) stay the model's.
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@contextlib.contextmanager
+def sampler_of(pipe, name: str | None):
+    """The pipeline samples with `name` (a SAMPLERS key) inside the block, and with its own scheduler again after."""
+    if name is None:
+        yield
+        return
+    if name not in SAMPLERS:
+        raise PersonalizeError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    import diffusers
+
+    own = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(own.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
 @torch.no_grad()
 def generate_images(
     backbone,
@@ -111,31 +142,40 @@ def generate_images(
     resolution: int | None = None,
     negative_prompt: str | None = None,
     batch_size: int = 1,
+    sampler: str | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major. The pipeline expands multi-vector placeholders itself.
 
     Each image's starting noise comes from its own seeded generator, so image (prompt, seed) is the same whatever
     `batch_size` draws it with (up to float rounding of batched matrix products). `steps` and `guidance` default to
-    the model's own recommended settings (`backbone.sampler`).
+    the model's own recommended settings (`backbone.sampler`); `sampler` (a SAMPLERS name) to the model's scheduler.
     """
     steps = backbone.sampler["inference_steps"] if steps is None else steps
     guidance = backbone.sampler["guidance"] if guidance is None else guidance
     size = resolution or backbone.default_resolution
     images = []
-    for prompt in prompts:
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            out = backbone.pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                num_images_per_prompt=len(chunk),
-                generator=[seeded_noise(seed) for seed in chunk],
-            )
-            images.extend(out.images)
+    with sampler_of(backbone.pipe, sampler):
+        for prompt in prompts:
+            images += _draw(backbone, prompt, seeds, steps, guidance, size, negative_prompt, batch_size)
+    return images
+
+
+def _draw(backbone, prompt: str, seeds: list[int], steps: int, guidance: float, size: int, negative_prompt: str | None,
+          batch_size: int) -> list[Image.Image]:
+    images = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        out = backbone.pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            num_images_per_prompt=len(chunk),
+            generator=[seeded_noise(seed) for seed in chunk],
+        )
+        images.extend(out.images)
     return images
 
 

@@ -10,7 +10,9 @@ Adapters are added with diffusers' own `add_adapter` (peft underneath), so the t
   the layout diffusers documents: transformers 4.x needs it, diffusers drops it for 5.x's flatter CLIP;
 - `<name>.kohya.safetensors` — kohya keys (`lora_unet_<module path with _>.lora_down.weight / lora_up.weight /
   alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for text encoders), the naming A1111, ComfyUI and diffusers read,
-  with the `ss_*` metadata kohya's trainer writes (A1111 sorts a LoRA into SD1/SD2/SDXL by it).
+  with the `ss_*` metadata kohya's trainer writes (A1111 sorts a LoRA into SD1/SD2/SDXL by it). `<name>` is the
+  run's (`export.run_name`), not its token: A1111 (`<lora:<name>.kohya:1>`) and ComfyUI call a LoRA by its file
+  name in one shared folder, where two runs' `sks.kohya.safetensors` would overwrite each other.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import PersonalizeError
 from .export import atomic_write, save_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_SUFFIX = ".kohya.safetensors"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -179,6 +182,9 @@ def _module_list(targets) -> str:
     return targets if isinstance(targets, str) else ",".join(sorted(targets or ()))
 
 
-def save_kohya_lora(path: Path, layers: dict[str, dict], alphas: dict[str, float], sdxl: bool, meta: dict) -> Path:
+def save_kohya_lora(output_dir: Path, name: str, layers: dict[str, dict], alphas: dict[str, float], sdxl: bool,
+                    meta: dict) -> Path:
+    """Write `<name>.kohya.safetensors`; `ss_output_name` is `name`, as kohya's trainer records its output's name."""
     tensors = to_kohya(layers, alphas, sdxl)
-    return save_safetensors(path, tensors, {k: str(v) for k, v in meta.items()})
+    meta = {**meta, "ss_output_name": name}
+    return save_safetensors(Path(output_dir) / f"{name}{KOHYA_SUFFIX}", tensors, {k: str(v) for k, v in meta.items()})

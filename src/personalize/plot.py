@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import PersonalizeError
 from .export import atomic_write
-from .trainer import LOG_FILE
+from .checkpoints import LOG_FILE
 
 
 def read_log(run: str | Path) -> dict[str, tuple[list[int], list[float]]]:

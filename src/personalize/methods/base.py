@@ -65,6 +65,11 @@ class Method(nn.Module):
     loss_options: tuple[str, ...] = ("noise_offset", "snr_gamma", "masked")  # the LossOptions its loss honours
 
     @classmethod
+    def check(cls, config, concepts: list) -> None:
+        """Refuse options this method cannot train with (PersonalizeError), before anything is loaded: the trainer
+        calls it first, so a run fails in a second, and the web UI calls it to say so beside the field."""
+
+    @classmethod
     def prompt_subject(cls, settings: dict) -> str:
         """How a prompt names the concept a run learned, from its resolved settings (config.yaml): the placeholder
         alone for embeddings; methods trained on "<token> <class word>" override this."""

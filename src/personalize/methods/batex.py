@@ -129,7 +129,7 @@ class Batex(TextualInversion):
         ids_per_vector = [torch.cat([i, i.new_full((size - len(i),), -1)]) for i in ids_per_vector]
         return SubspaceVectors(torch.stack(bases), torch.stack(ids_per_vector))
 
-    def save_concept(self, folder: Path, index: int, step: int) -> list[Path]:
-        files = super().save_concept(folder, index, step)
+    def save_concept(self, folder: Path, index: int, step: int, name: str) -> list[Path]:
+        files = super().save_concept(folder, index, step, name)
         concept = self.concepts[index]
         return files + [save_basis_sidecar(folder, self.sources[index], concept.token, concept.init_word, self.config)]

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import PersonalizeError
+from ..export import run_name
+from ..howto import write_howto
 from ..losses import denoise, per_sample_loss
 from ..lora import TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora, kohya_metadata, save_diffusers_lora, save_kohya_lora
 from .base import Batch, Concept, Method
@@ -62,14 +64,18 @@ class DreamBoothLora(Method):
     def prompt_subject(cls, settings: dict) -> str:
         return f"{settings.get('token') or 'sks'} {settings['class_word']}"  # "a photo of sks dog": token + class
 
+    @classmethod
+    def check(cls, config: DreamBoothLoraConfig, concepts: list[Concept]) -> None:
+        if any(not c.class_word or len(c.class_word.split()) != 1 for c in concepts):
+            raise PersonalizeError("--class-word is required: one word for what the images show, e.g. --class-word dog "
+                                   "(in a --dataset file: class_word of every subset, or --class-word for all)")
+
     def __init__(self, config: DreamBoothLoraConfig, backbone, captions: list[str | None] | None = None, images=None,
                  concepts: list[Concept] | None = None, image_concepts: list[int] | None = None,
                  class_concepts: list[int] | None = None):
         super().__init__()
         self.concepts = concepts or [Concept(config.token, config.class_word)]
-        if any(not c.class_word or len(c.class_word.split()) != 1 for c in self.concepts):
-            raise PersonalizeError("--class-word is required: one word for what the images show, e.g. --class-word dog "
-                                   "(in a --dataset file: class_word of every subset, or --class-word for all)")
+        self.check(config, self.concepts)
         self.config, self.backbone = config, backbone
         self.lora_params = torch.nn.ParameterDict()
         for adapter in self.adapters:
@@ -155,7 +161,12 @@ class DreamBoothLora(Method):
 
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, output_dir: Path, step: int) -> list[Path]:
-        return save_lora_files(self.backbone, output_dir, *adapter_layers(self.components()), step=step, stem=self.config.token)
+        files = save_lora_files(self.backbone, output_dir, *adapter_layers(self.components()), step=step, name=run_name(output_dir))
+        return files + [write_howto(output_dir, files, self.prompt_subjects())]
+
+    def prompt_subjects(self) -> list[str]:
+        """How prompts name each concept of the run ("sks dog"), for the run's HOW-TO-USE.txt."""
+        return list(dict.fromkeys(self.prompt_subject({"token": c.token, "class_word": c.class_word}) for c in self.concepts))
 
 
 def _json_safe(d: dict) -> dict:
@@ -172,12 +183,12 @@ def adapter_layers(parts: dict[str, torch.nn.Module], adapter: str = "default") 
     return layers, meta, alphas
 
 
-def save_lora_files(backbone, output_dir: Path, layers, meta, alphas, *, step: int, stem: str, kohya_name: str | None = None) -> list[Path]:
-    """The diffusers file and the kohya file of one LoRA."""
+def save_lora_files(backbone, output_dir: Path, layers, meta, alphas, *, step: int, name: str) -> list[Path]:
+    """The diffusers file and the kohya file (`<name>.kohya.safetensors`, `name` the run's: `export.run_name`) of one LoRA."""
     output_dir = Path(output_dir)
     diffusers_file = save_diffusers_lora(type(backbone.pipe), output_dir, layers, meta)
     kohya_meta = kohya_metadata(backbone, meta, alphas, step=step, resolution=trained_resolution(backbone, output_dir))
-    kohya = save_kohya_lora(output_dir / f"{kohya_name or stem}.kohya.safetensors", layers, alphas, backbone.is_sdxl, kohya_meta)
+    kohya = save_kohya_lora(output_dir, name, layers, alphas, backbone.is_sdxl, kohya_meta)
     return [diffusers_file, kohya]
 
 

@@ -38,7 +38,8 @@ from torch import nn
 
 from ..concepts import add_placeholder_tokens, concept_embedding
 from ..errors import PersonalizeError
-from ..export import save_embeddings, save_safetensors
+from ..export import run_name, save_embeddings, save_safetensors
+from ..howto import write_howto
 from ..lora import TEXT_TARGETS, UNET_TARGETS, add_lora
 from ..losses import sample_noise
 from .base import Batch, Method
@@ -177,10 +178,14 @@ class SingleInsert(Method):
     def prompt_subject(cls, settings: dict) -> str:
         return f"{settings.get('token') or '<concept>'} {settings['class_word']}"  # trained on "<concept> class"
 
-    def __init__(self, config: SingleInsertConfig, backbone, captions=None, images=None, **data):
-        super().__init__()
+    @classmethod
+    def check(cls, config: SingleInsertConfig, concepts: list) -> None:
         if not config.class_word or len(config.class_word.split()) != 1:
             raise PersonalizeError("--class-word is required: one word for the concept's class, e.g. --class-word face")
+
+    def __init__(self, config: SingleInsertConfig, backbone, captions=None, images=None, **data):
+        super().__init__()
+        self.check(config, [])
         if images is None:
             raise PersonalizeError("singleinsert needs its training images")
         self.config, self.backbone = config, backbone
@@ -298,13 +303,13 @@ class SingleInsert(Method):
         output_dir = Path(output_dir)
         with torch.no_grad():
             vectors = [v[0].float().cpu() for v in self.image_encoder(self.images[:1])]
-        files = save_embeddings(output_dir, self.config.token, vectors, step=step, model_name=self.backbone.name)
+        name = run_name(output_dir)
+        files = save_embeddings(output_dir, self.config.token, vectors, step=step, model_name=self.backbone.name, name=name)
         if self.config.stage2_steps > 0:
             parts = {"unet": self.backbone.unet, "text_encoder": self.backbone.text_encoders[0]}
             if len(self.backbone.text_encoders) > 1:
                 parts["text_encoder_2"] = self.backbone.text_encoders[1]
-            files += save_lora_files(self.backbone, output_dir, *adapter_layers(parts), step=step,
-                                     stem=files[0].stem, kohya_name=f"{self.config.token.strip('<>') or 'concept'}")
+            files += save_lora_files(self.backbone, output_dir, *adapter_layers(parts), step=step, name=name)
         encoder_state = {k: v.detach().float().cpu() for k, v in self.image_encoder.state_dict().items()}
         files.append(save_safetensors(output_dir / "image_encoder.safetensors", encoder_state, {"encoder": self.config.encoder}))
-        return files
+        return files + [write_howto(output_dir, files, [self.prompt_subject({"token": self.config.token, "class_word": self.config.class_word})])]

@@ -31,7 +31,8 @@ from torch import nn
 
 from ..concepts import FreeVectors, add_placeholder_tokens, concept_embedding, expand_prompt
 from ..errors import PersonalizeError
-from ..export import CONCEPTS_DIR, save_embeddings
+from ..export import CONCEPTS_DIR, run_name, save_embeddings
+from ..howto import write_howto
 from ..lora import UNET_TARGETS, add_lora
 from ..losses import denoise, diffusion_loss
 from .base import Batch, Concept, Method
@@ -81,17 +82,21 @@ class TextualInversion(Method):
     default_steps = 3000
     default_lr = 5e-4
 
-    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None, images=None,
-                 concepts: list[Concept] | None = None, image_concepts: list[int] | None = None, class_concepts=None):
-        super().__init__()
-        self.concepts = concepts or [Concept(config.token, None, config.init_word)]
-        if any(not c.init_word for c in self.concepts):
+    @classmethod
+    def check(cls, config: TextualInversionConfig, concepts: list[Concept]) -> None:
+        if any(not c.init_word for c in concepts):
             raise PersonalizeError("--init-word is required: a word for what the images show, e.g. --init-word cat "
                                    "(in a --dataset file: init_word of every subset, or --init-word for all)")
         if config.num_vectors < 1:
             raise PersonalizeError("--num-vectors must be at least 1")
         if config.lora_rank < 0:
             raise PersonalizeError("--lora-rank must be 0 (no LoRA) or a positive rank")
+
+    def __init__(self, config: TextualInversionConfig, backbone, captions: list[str | None] | None = None, images=None,
+                 concepts: list[Concept] | None = None, image_concepts: list[int] | None = None, class_concepts=None):
+        super().__init__()
+        self.concepts = concepts or [Concept(config.token, None, config.init_word)]
+        self.check(config, self.concepts)
         self.config, self.backbone = config, backbone
         self.sources = nn.ModuleList()  # [concept][text encoder]
         for concept in self.concepts:
@@ -193,14 +198,18 @@ class TextualInversion(Method):
             return [Path(output_dir)]
         return [Path(output_dir) / CONCEPTS_DIR / (c.token.strip("<>") or f"concept{i}") for i, c in enumerate(self.concepts)]
 
-    def save_concept(self, folder: Path, index: int, step: int) -> list[Path]:
-        return save_embeddings(folder, self.concepts[index].token, self.vectors(index), step=step, model_name=self.backbone.name)
+    def save_concept(self, folder: Path, index: int, step: int, name: str) -> list[Path]:
+        """One concept's embedding files; `name` is what A1111 and ComfyUI call it (`export.a1111_name`)."""
+        return save_embeddings(folder, self.concepts[index].token, self.vectors(index), step=step,
+                               model_name=self.backbone.name, name=name)
 
     def save(self, output_dir: Path, step: int) -> list[Path]:
+        # Files other tools see are named after the run, and a run of several concepts adds each concept's name.
+        run, folders = run_name(output_dir), self.concept_folders(output_dir)
         files = []
-        for index, folder in enumerate(self.concept_folders(output_dir)):
-            files += self.save_concept(folder, index, step)
+        for index, folder in enumerate(folders):
+            files += self.save_concept(folder, index, step, run if len(folders) == 1 else f"{run}-{folder.name}")
         if len(self.lora):
             files += save_lora_files(self.backbone, output_dir, *adapter_layers({"unet": self.backbone.unet}), step=step,
-                                     stem=files[0].stem, kohya_name=self.config.token.strip("<>") or "concept")
-        return files
+                                     name=run)
+        return files + [write_howto(output_dir, files, [c.token for c in self.concepts])]

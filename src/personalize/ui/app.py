@@ -3,12 +3,15 @@
 It only wires the other modules together: the workspace checks paths and images, `options` turns the form into the
 `personalize train` argv it shows, `jobs` runs every command in a child process and reads progress from its run
 folder. Every tab holds its state in the page (one per browser tab) except jobs and files, which live in the
-workspace and so are the same in every tab. The steps' widgets and handlers are in `tab_images`, `tab_train` and
+workspace and so are the same in every tab. A new tab starts with a fresh form, except while a training job is
+queued or running (it opens on that job: closing the browser loses nothing); the Jobs tab's "open" loads any
+training job's settings into a tab (`/?job=ID`). The steps' widgets and handlers are in `tab_images`, `tab_train` and
 `tab_use`; this file has the page's state, its layout, its clock, and the server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from pathlib import Path
@@ -21,30 +24,48 @@ from ..errors import PersonalizeError
 from ..methods import METHODS
 from ..trainer import default_model
 from .artefacts import artefacts
-from .guards import BasicAuth, UploadLimit
-from .jobs import JobManager, run_status
+from .guards import BasicAuth, SameOrigin, UploadLimit, allowed_host_names
+from .jobs import ACTIVE, Job, JobManager, run_status
 from .masks import MaskCanvas
-from .options import baseline, check_argv, options_for, presets, train_argv
+from .options import baseline, check_argv, options_for, presets, train_argv, with_ui_defaults
 from .tab_images import ImageSteps
 from .tab_train import TrainSteps
 from .tab_use import UseSteps
 from .workspace import Workspace, native_resolution, safe_name
 
-WRITTEN_FOLDERS = ("class_images",)  # options naming a folder the trainer writes (DreamBooth's generated class images)
+# Options naming a path, and how the page confines each (the README's "reads and writes only inside --workspace"):
+# models may also be built-in names, hub ids, or under `personalize ui --model-dir`; the rest stay in the workspace.
+MODEL_PATHS = ("model_config", "encoder_weights")
+WORKSPACE_PATHS = ("class_images", "masks")  # DreamBooth's class images (written there when short), SingleInsert's masks
 CSS = """
 .pixelated, .pixelated img { image-rendering: pixelated; }
 .help { font-size: 0.75rem; color: #555; line-height: 1.1rem; }
 .nicegui-content { max-width: 1200px; margin: 0 auto; }
-.cmd pre { white-space: pre-wrap; word-break: break-all; }
+.cmd pre { white-space: pre-wrap; word-break: break-all; padding-right: 2.5rem; }
+.q-field--error .q-field__bottom { position: static; transform: none; }  /* a long refusal pushes the help down */
+.q-field--error.q-field--with-bottom { padding-bottom: 0; }
+.cmd .nicegui-code-copy { opacity: 1; background: #1e293b; color: white; }  /* NiceGUI's is 20 % opaque: unseen */
 """
 
 
 class Server:
-    """What every browser tab shares: the workspace and its job list."""
+    """What every browser tab shares: the workspace, its job list, and the model the UI was started with."""
 
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         self.jobs = JobManager(workspace)
+        self.default_model = default_model()
+
+
+def job_to_open(jobs: JobManager, requested: str | None) -> Job | None:
+    """The training job a new tab opens on: the one asked for (Jobs' "open"), else the one queued or running —
+    never a finished or failed job's settings (a bad --model included): with none running, a tab starts afresh."""
+    if requested:
+        job = next((j for j in jobs.jobs if j.id == requested and j.kind == "train"), None)
+        if job is not None:
+            return job
+    job = jobs.latest("train")
+    return job if job is not None and job.state in ACTIVE else None
 
 
 # -- the page --------------------------------------------------------------------------------------------------
@@ -53,7 +74,7 @@ class Server:
 class Page(ImageSteps, TrainSteps, UseSteps):
     """One browser tab's page."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, open_job: str | None = None):
         self.server, self.ws, self.jobs = server, server.workspace, server.jobs
         self.preset: str | None = "toy" if "toy" in presets() else None
         self.method, self.model = "textual-inversion", default_model()
@@ -66,21 +87,22 @@ class Page(ImageSteps, TrainSteps, UseSteps):
         self.generation_job: str | None = None
         self.evaluation_job: str | None = None
         self._jobs_seen: list | None = None
-        self._restore_latest_run()
+        self.option_widgets: dict = {}  # option name -> its widget, to show a refusal beside it
+        self.launch_error: tuple[str | None, str] | None = None  # (option or None, why the run would be refused)
+        job = job_to_open(self.jobs, open_job)
+        if job is not None:
+            self._take_settings(job)
         self.build()
 
     # -- state -----------------------------------------------------------------------------------------------
 
-    def _restore_latest_run(self) -> None:
-        """A new tab opens on the newest training job, so two tabs show the same job and settings."""
-        from ..configs import build_configs
+    def _take_settings(self, job: Job) -> None:
+        """This tab's form becomes the settings of a training job (the one it opens on)."""
+        from .options import parse_quietly
 
-        job = self.jobs.latest("train")
-        if job is None:
-            return
         try:
-            train_cfg, method_cfg = build_configs(job.argv[1:])
-        except (PersonalizeError, SystemExit):
+            train_cfg, method_cfg = parse_quietly(job.argv[1:])
+        except PersonalizeError:
             return
         try:
             self.images = self.ws.resolve(train_cfg.images, "image folder") if train_cfg.images else self.images
@@ -111,15 +133,36 @@ class Page(ImageSteps, TrainSteps, UseSteps):
         return METHODS[self.method].needs_masks or bool(self.value("masked_loss"))
 
     def argv(self) -> list[str]:
-        """The `personalize train` argv of the form; PersonalizeError when a field cannot be read."""
+        """The `personalize train` argv of the form, once everything `personalize train` refuses before loading
+        has been checked here, in its own words: PersonalizeError otherwise."""
         if self.errors:
             raise PersonalizeError("; ".join(self.errors.values()))
-        for name in WRITTEN_FOLDERS:  # a folder the trainer writes into must be in the workspace too
+        self.check_paths()
+        values = with_ui_defaults(self.method, self.preset, self.values)
+        argv = train_argv(self.method, self.model, self.rel(self.images), self.rel(self.run_folder), values, self.preset)
+        train_cfg, method_cfg = check_argv(argv, self.method, {**baseline(self.method, self.preset), **values})
+        self.check_run(train_cfg, method_cfg)
+        return argv
+
+    def check_paths(self) -> None:
+        """Every path the form names is one the page may use: see MODEL_PATHS and WORKSPACE_PATHS."""
+        self.ws.check_model(self.model, "--model", started_with=self.server.default_model)
+        for name in MODEL_PATHS:
+            if self.values.get(name):
+                self.ws.check_model(self.values[name], f"--{name.replace('_', '-')}")
+        for name in WORKSPACE_PATHS:
             if self.values.get(name):
                 self.ws.resolve(self.values[name], f"--{name.replace('_', '-')}")
-        argv = train_argv(self.method, self.model, self.rel(self.images), self.rel(self.run_folder), self.values, self.preset)
-        check_argv(argv, self.method, {**baseline(self.method, self.preset), **self.values})
-        return argv
+        if self.values.get("dataset"):
+            self.ws.check_dataset(self.values["dataset"])
+
+    def check_run(self, train_cfg, method_cfg) -> None:
+        """The trainer's own checks before loading (`trainer.check_run`), on the form's paths as the job, run in
+        the workspace, will read them."""
+        from ..trainer import check_run
+
+        inside = {k: str(self.ws.root / v) for k in ("images", "dataset") if (v := getattr(train_cfg, k))}
+        check_run(dataclasses.replace(train_cfg, **inside), method_cfg)
 
     # -- layout ----------------------------------------------------------------------------------------------
 
@@ -162,14 +205,15 @@ class Page(ImageSteps, TrainSteps, UseSteps):
         ui.button(text, icon="arrow_forward", on_click=lambda: self.tabs.set_value(tab)).props("flat")
 
     def refresh_where(self) -> None:
-        self.where.set_text(f"images: {self.rel(self.images)}   ·   run folder: {self.rel(self.run_folder)}   ·   "
-                            f"workspace: {self.ws.root}")
+        images = f"dataset: {self.values['dataset']}" if self.values.get("dataset") else f"images: {self.rel(self.images)}"
+        self.where.set_text(f"{images}   ·   run folder: {self.rel(self.run_folder)}   ·   workspace: {self.ws.root}")
         self.refresh_command()
 
     def on_concept(self, e) -> None:
         name = safe_name(e.value or "")
         uploads_before = self.images == self.ws.uploads_dir(self.concept)
         self.concept = name
+        self._chart_points = -1  # another run folder: its own curve
         if uploads_before:
             self.images = self.ws.uploads_dir(name)
             self.images_view.refresh()
@@ -248,18 +292,19 @@ def _routes(server: Server) -> None:
 
 
 def serve(workspace: str, host: str = "127.0.0.1", port: int = 8080, auth: tuple[str, str] | None = None,
-          max_upload_mb: float = 20, show: bool = True) -> None:
+          max_upload_mb: float = 20, show: bool = True, allow_hosts: tuple[str, ...] = (), model_dirs: tuple[str, ...] = ()) -> None:
     """Run the UI until interrupted (jobs it started keep running)."""
-    server = Server(Workspace(workspace, max_upload_mb))
+    server = Server(Workspace(workspace, max_upload_mb, model_dirs))
     _routes(server)
     app.add_middleware(UploadLimit, limit=server.workspace.max_upload_bytes * 64)  # a whole batch of files at most
     if auth:
         app.add_middleware(BasicAuth, user=auth[0], password=auth[1])
+    app.add_middleware(SameOrigin, allowed_hosts=allowed_host_names(host, allow_hosts))  # outermost: before anything
     app.timer(1.0, server.jobs.poll)  # queued jobs start even with no page open
 
     @ui.page("/", title="personalize")
-    def index():
-        Page(server)
+    def index(job: str | None = None):
+        Page(server, open_job=job)
 
     if host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"warning: --host {host} without --auth: anyone who can reach this port can train and read the workspace")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..export import A1111_SUFFIX, BASIS_FILE, EMBEDDINGS_FILE
+from ..howto import HOWTO_FILE
 from ..lora import LORA_FILE
 
 
@@ -27,6 +28,8 @@ def where_it_goes(name: str, token: str | None = None) -> str:
         return "SingleInsert's image encoder (turns an image into the concept's vector)"
     if name in ("anchor", "delta"):
         return f"Dis²Booth's {name} LoRA alone: pipe.set_adapters([\"anchor\", \"delta\"], [α, β]) recombines them"
+    if name == HOWTO_FILE:
+        return "what each file is for, where it goes in A1111 / Forge, ComfyUI and diffusers, and what to type in prompts"
     if name == "config.yaml":
         return "every setting of the run: personalize train --config config.yaml repeats it"
     return ""

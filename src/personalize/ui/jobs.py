@@ -28,8 +28,16 @@ from ..export import atomic_write
 from .workspace import Workspace
 
 JOBS_FILE = "jobs.json"
-STOP_GRACE_S = 15.0  # after SIGINT, how long a child may take to stop before it is killed
+# After SIGINT the child finishes its step and writes a checkpoint (an SDXL step plus a LoRA checkpoint can take a
+# minute on a small GPU); only then is it killed, losing what the checkpoint would have kept.
+STOP_GRACE_S = 120.0
 ACTIVE = ("queued", "running")
+
+
+def _last_redraw(line: str) -> str:
+    """What a terminal shows of a line redrawn with carriage returns: its last non-blank redraw."""
+    redraws = [part for part in line.split("\r") if part.strip()]
+    return redraws[-1] if redraws else ""
 
 
 @dataclass
@@ -202,8 +210,9 @@ class JobManager:
         if not path.is_file():
             return ""
         text = path.read_bytes()[-20000:].decode("utf-8", errors="replace")
-        text = text.replace("\r", "\n")  # tqdm redraws its bar with carriage returns
-        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+        # tqdm redraws its bar with carriage returns: keep what a terminal shows, each line's last redraw.
+        shown = [_last_redraw(line) for line in text.split("\n")]
+        return "\n".join([line for line in shown if line.strip()][-lines:])
 
     def error_of(self, job: Job) -> str:
         """The child's own last word: its `error: ...` line (a PersonalizeError), else the end of its traceback."""
@@ -237,7 +246,7 @@ def run_status(run: Path) -> dict:
 
 
 def checkpoint_steps(run: Path) -> list[int]:
-    from ..trainer import checkpoint_dirs
+    from ..checkpoints import checkpoint_dirs
 
     return [int(p.name.split("-")[1]) for p in checkpoint_dirs(run)]
 
@@ -257,7 +266,7 @@ def train_progress(run: Path) -> dict:
 def read_series(run: Path) -> dict[str, tuple[list[int], list[float]]]:
     """{value name: (steps, values)} of logs.jsonl, as `plot.read_log` reads it, but never failing: the last line
     may be half written (the trainer is writing it now, or was killed while writing it)."""
-    from ..trainer import LOG_FILE
+    from ..checkpoints import LOG_FILE
 
     try:
         text = (run / LOG_FILE).read_text()

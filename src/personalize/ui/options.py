@@ -9,6 +9,9 @@ values become an argv for `personalize train`, and `check_argv` parses that argv
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from dataclasses import MISSING, dataclass, fields
 
 from ..configs import _base_type, build_configs, preset_description, preset_names, read_preset
@@ -18,6 +21,9 @@ from ..errors import PersonalizeError
 OWN_WIDGETS = ("method", "model", "images", "output", "resume", "overwrite")
 # Loop options shown up front; every other TrainConfig field is under "All loop options". Layout, not a list of
 # options: the fields themselves, their types, defaults and help come from TrainConfig.
+# How the abbreviations in field names read on the page (a label is the field's name in words).
+_WORDS = {"lr": "learning rate", "num": "number of", "snr": "SNR", "ema": "EMA", "lora": "LoRA", "clip": "CLIP", "vit": "ViT",
+          "fg": "foreground", "bg": "background", "sm": "L_sm", "stage1": "stage I", "stage2": "stage II"}
 UP_FRONT = ("steps", "lr", "batch_size", "resolution", "seed", "validation_steps", "checkpointing_steps")
 
 
@@ -36,6 +42,12 @@ class Option:
     @property
     def flag(self) -> str:
         return f"--{self.name.replace('_', '-')}"
+
+    @property
+    def label(self) -> str:
+        """What the field is called on the page: its name in words ("init word"); the flag is in its help line."""
+        words = " ".join(_WORDS.get(w, w) for w in self.name.split("_"))
+        return words[0].upper() + words[1:]
 
     @property
     def up_front(self) -> bool:
@@ -88,6 +100,21 @@ def baseline(method: str, preset: str | None) -> dict:
     return values
 
 
+PREVIEWS_DURING_TRAINING = 5  # the UI's default --validation-steps: steps / 5
+
+
+def with_ui_defaults(method: str, preset: str | None, values: dict) -> dict:
+    """The form's values with the UI's one default of its own: previews while it trains, about five of them (the
+    CLI's default draws one, at the end: a user watching the page would see nothing until then)."""
+    from ..methods import METHODS
+
+    base = baseline(method, preset)
+    if values.get("validation_steps") is not None or base.get("validation_steps") is not None:
+        return dict(values)
+    steps = values.get("steps") or base.get("steps") or METHODS[method].default_steps
+    return {**values, "validation_steps": max(1, steps // PREVIEWS_DURING_TRAINING)}
+
+
 def flag_tokens(option: Option, value) -> list[str]:
     """The argv tokens that set `option` to `value` (BooleanOptionalAction for bools, nargs='+' for lists)."""
     if option.kind is bool:
@@ -124,7 +151,10 @@ def train_argv(method: str, model: str, images: str, output: str, values: dict, 
     argv = ["train", "--method", method]
     if preset:
         argv += ["--preset", preset]
-    argv += ["--model", model, "--images", images, "--output", output]
+    argv += ["--model", model]
+    if not values.get("dataset"):  # a --dataset file names its own image folders (the trainer refuses both)
+        argv += ["--images", images]
+    argv += ["--output", output]
     base = baseline(method, preset)
     for option in options_for(method):
         value = values.get(option.name)
@@ -134,12 +164,22 @@ def train_argv(method: str, model: str, images: str, output: str, values: dict, 
     return argv
 
 
-def check_argv(argv: list[str], method: str, values: dict) -> None:
-    """Parse `argv` with the CLI's own parser and require every value the form shows: the command is the form."""
+def parse_quietly(argv: list[str]):
+    """`build_configs(argv)`, with argparse's refusal as a PersonalizeError in its own words (argparse would print
+    its usage to the server's terminal and exit)."""
+    said = io.StringIO()
     try:
-        train_cfg, method_cfg = build_configs(argv[1:])
-    except SystemExit as exc:  # argparse's way of refusing: the message went to stderr
-        raise PersonalizeError(f"personalize train refuses these options ({' '.join(argv[1:])})") from exc
+        with contextlib.redirect_stderr(said):
+            return build_configs(argv)
+    except SystemExit as exc:
+        errors = [line.split("error: ", 1)[1] for line in said.getvalue().splitlines() if "error: " in line]
+        raise PersonalizeError(errors[-1] if errors else f"personalize train refuses {' '.join(argv)}") from exc
+
+
+def check_argv(argv: list[str], method: str, values: dict):
+    """Parse `argv` with the CLI's own parser and require every value the form shows: the command is the form.
+    Returns the parsed (TrainConfig, method config)."""
+    train_cfg, method_cfg = parse_quietly(argv[1:])
     parsed = {**vars(train_cfg), **vars(method_cfg)}
     if parsed["method"] != method:
         raise PersonalizeError(f"the command trains {parsed['method']}, the form says {method}")
@@ -147,12 +187,26 @@ def check_argv(argv: list[str], method: str, values: dict) -> None:
         wanted = values.get(option.name)
         if wanted is not None and parsed.get(option.name) != wanted:
             raise PersonalizeError(f"{option.flag}: the command would mean {parsed.get(option.name)!r}, the form says {wanted!r}")
+    return train_cfg, method_cfg
+
+
+def option_named_in(message: str, options: list[Option]) -> Option | None:
+    """The option an error message is about (the first of its flags it names), to show the message beside it."""
+    for flag in re.findall(r"--[a-z][a-z0-9-]*", message):
+        for option in options:
+            if flag in (option.flag, f"--no-{option.flag[2:]}"):
+                return option
+    return None
+
+
+_DEFAULT_NOTE = re.compile(r"\s*\(default: [^()]*(\([^()]*\)[^()]*)*\)$")
 
 
 def help_line(option: Option, base) -> str:
-    """The field's help and what it is when left alone (a None default's help already says what decides it)."""
+    """The field's flag, its help and what it is when left alone: once (a help that says its own default keeps it
+    only while the form does not know better, e.g. "(default: the method's)" until a preset gives a number)."""
     if base is None:
-        return option.help
+        return f"{option.flag} · {option.help}"
     shown = base if base != "" else "''"
     note = "" if base == option.default else ", from the preset"
-    return f"{option.help} (default: {shown}{note})"
+    return f"{option.flag} · {_DEFAULT_NOTE.sub('', option.help)} (default: {shown}{note})"

@@ -11,6 +11,7 @@ from nicegui import ui
 from PIL import Image
 
 from ..errors import PersonalizeError
+from ..data import CAPTION_EXTENSION
 from .masks import MaskCanvas, mask_path
 from .workspace import inspect_folder, loader_verdict, safe_name
 
@@ -113,13 +114,34 @@ class ImageSteps:
             ui.label(report.path.name).classes("font-mono text-sm break-all")
             ui.badge(report.status, color=STATUS_COLOURS[report.status])
             for note in report.notes:
-                ui.label(note).classes("help")
+                if not note.startswith("caption: "):  # the caption has its own field below
+                    ui.label(note).classes("help")
+            if report.status in ("ok", "warning"):
+                self.caption_field(report.path)
             if report.path.parent == self.ws.uploads_dir(self.concept):
                 ui.button("remove", on_click=lambda p=report.path: self.remove_upload(p)).props("flat dense size=sm")
+
+    def caption_field(self, image: Path) -> None:
+        """NAME.txt beside the image, edited in place: DreamBooth-LoRA and Dis²Booth train on it (the others with
+        `caption: files` in a --dataset file); saved when the field loses focus, removed when emptied."""
+        caption = image.with_suffix(CAPTION_EXTENSION)
+        text = caption.read_text(encoding="utf-8-sig", errors="replace").strip() if caption.is_file() else ""
+        field = ui.textarea("Caption", value=text, placeholder=f"{caption.name}: none").props("outlined dense autogrow") \
+            .classes("w-full text-xs").props(f"data-caption={image.name}")
+        field.on("blur", lambda _e, image=image, field=field: self.save_caption(image, field.value))
+
+    def save_caption(self, image: Path, text: str) -> None:
+        try:
+            written = self.ws.save_caption(image, text or "")
+        except PersonalizeError as exc:
+            ui.notify(str(exc), type="negative")
+            return
+        ui.notify(f"saved {self.rel(written)}" if written.is_file() else f"removed {self.rel(written)}", type="positive")
 
     def remove_upload(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         mask_path(path).unlink(missing_ok=True)
+        path.with_suffix(CAPTION_EXTENSION).unlink(missing_ok=True)
         self.after_images_changed()
 
     # -- 2 mask ----------------------------------------------------------------------------------------------
@@ -131,9 +153,10 @@ class ImageSteps:
         with ui.row().classes("w-full gap-6 items-start"):
             with ui.column().classes("gap-2"):
                 self.mask_select = ui.select([], label="Image", on_change=self.on_mask_image).props("outlined dense").classes("w-64")
-                self.brush_mode = ui.toggle({True: "paint concept", False: "erase"}, value=True)
-                self.brush = ui.slider(min=1, max=40, value=4).props("label-always").classes("w-64")
+                self.brush_mode = ui.toggle({True: "paint concept", False: "erase"}, value=True).props("id=brush-mode")
                 ui.label("brush radius (image pixels)").classes("help")
+                # (margin above: the always-on value bubble rises above the slider, over the toggle without it)
+                self.brush = ui.slider(min=1, max=40, value=4).props("label-always id=brush").classes("w-64 mt-6")
                 with ui.row():
                     ui.button("Guess from flat background", on_click=self.mask_guess).props("outline") \
                         .tooltip("the background colour touching the border is not the concept: right for toy scenes and plain backdrops")

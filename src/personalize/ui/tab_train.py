@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 
@@ -12,12 +13,26 @@ from ..errors import PersonalizeError
 from ..methods import METHODS
 from ..trainer import default_model
 from .jobs import format_eta, train_progress
-from .options import Option, baseline, help_line, options_for, parse_value, presets
+from .options import Option, baseline, help_line, option_named_in, options_for, parse_value, presets
 from .workspace import loader_verdict
+
+
+CHART_COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c"]
+LOSS_SMOOTHING = 0.9  # the loss curve's moving average (TensorBoard's slider, kohya's and OneTrainer's charts)
 
 
 def method_summary(method: str) -> str:
     return (sys.modules[METHODS[method].__module__].__doc__ or method).strip().splitlines()[0]
+
+
+def smoothed(values: list[float], weight: float = LOSS_SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased as TensorBoard's (the first points are not pulled towards 0): a
+    per-step diffusion loss jumps with the random timestep, its trend is what tells whether training works."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
 
 
 class TrainSteps:
@@ -33,8 +48,9 @@ class TrainSteps:
             ui.select(choices, value=self.preset or "", label="Preset", on_change=self.on_preset).props("outlined dense").classes("w-[28rem]")
             self.method_select = ui.select({m: m for m in METHODS}, value=self.method, label="Method",
                                            on_change=self.on_method).props("outlined dense").classes("w-56")
-            self.model_input = ui.input("Base model (--model)", value=self.model, on_change=self.on_model).props("outlined dense").classes("w-72")
-        ui.label("toy (built-in, CPU-sized) · tiny · a diffusers folder · a .safetensors/.ckpt file · a hub id in your cache").classes("help")
+            self.model_input = ui.input("Base model", value=self.model, on_change=self.on_model).props("outlined dense").classes("w-72")
+        ui.label("--model · toy (built-in, CPU-sized) · tiny · a diffusers folder or .safetensors/.ckpt file in the "
+                 "workspace (or under `personalize ui --model-dir`) · a hub id in your cache").classes("help")
         self.method_line = ui.label(method_summary(self.method)).classes("italic")
         self.options_view()
         self.next_button("train", "Next: train")
@@ -95,24 +111,27 @@ class TrainSteps:
         with ui.grid(columns=3).classes("w-full gap-x-6 gap-y-2"):
             for option in options:
                 with ui.column().classes("gap-0"):
-                    self.option_widget(option, self.values.get(option.name, base[option.name]))
-                    ui.label(help_line(option, base[option.name])).classes("help")
+                    self.option_widgets[option.name] = self.option_widget(option, self.values.get(option.name, base[option.name]))
+                    help_text = help_line(option, base[option.name])
+                    if option.name == "validation_steps" and base[option.name] is None:
+                        help_text += "; here: every steps / 5, so previews show while it trains"
+                    ui.label(help_text).classes("help")
 
-    def option_widget(self, option: Option, value) -> None:
+    def option_widget(self, option: Option, value):
         def changed(e, option=option):
             self.on_option(option, e.value, e.sender)
 
         if option.kind is bool:
-            ui.switch(option.flag, value=bool(value), on_change=changed)
-        elif option.choices:
-            ui.select(list(option.choices), value=value, label=option.flag, on_change=changed).props("outlined dense").classes("w-full")
-        elif option.is_list:
+            return ui.switch(option.label, value=bool(value), on_change=changed).props(f"data-option={option.name}")
+        if option.choices:
+            return ui.select(list(option.choices), value=value, label=option.label, on_change=changed) \
+                .props(f"outlined dense data-option={option.name}").classes("w-full")
+        if option.is_list:
             text = "\n".join(map(str, value or []))
-            ui.textarea(option.flag, value=text, on_change=changed).props("outlined dense autogrow").classes("w-full") \
-                .tooltip("one value per line")
-        else:
-            ui.input(option.flag, value="" if value is None else str(value), on_change=changed,
-                     placeholder="default").props(f"outlined dense data-option={option.name}").classes("w-full")
+            widget = ui.textarea(option.label, value=text, on_change=changed).props(f"outlined dense autogrow data-option={option.name}")
+            return widget.classes("w-full").tooltip("one value per line")
+        return ui.input(option.label, value="" if value is None else str(value), on_change=changed,
+                        placeholder="default").props(f"outlined dense data-option={option.name}").classes("w-full")
 
     def on_option(self, option: Option, raw, sender) -> None:
         try:
@@ -165,15 +184,38 @@ class TrainSteps:
         self.next_button("use", "Next: use it")
 
     def refresh_command(self) -> None:
+        """The command of the form, or what `personalize train` would refuse about it: on the Train tab, and beside
+        the field it is about in step 3 (the train button waits until it is put right)."""
         if not hasattr(self, "command"):
             return
         try:
             argv = self.argv()
         except PersonalizeError as exc:
-            self.command_error.set_text(str(exc))
+            self.show_refusal(str(exc))
             return
-        self.command_error.set_text("")
+        self.show_refusal(None)
         self.command.set_content(f"personalize {shlex.join(argv)}")
+
+    def show_refusal(self, message: str | None) -> None:
+        if self.launch_error and self.launch_error[0] not in self.errors:  # the last refusal is put right
+            self._mark(self.launch_error[0], None)
+        option = option_named_in(message, options_for(self.method)) if message else None
+        field = option.name if option else ("model" if message and re.search(r"--model(?![-\w])", message) else None)
+        self.launch_error = (field, message) if message else None
+        where = f" (step 3 · Method & settings: {option.label if option else 'Base model'})" if field else ""
+        self.command_error.set_text(f"personalize train would refuse this: {message}{where}" if message else "")
+        self.train_button.set_enabled(message is None)
+        if field and field not in self.errors:
+            self._mark(field, message)
+
+    def _mark(self, field: str | None, message: str | None) -> None:
+        widget = self.model_input if field == "model" else self.option_widgets.get(field)
+        if widget is None or widget.is_deleted:
+            return
+        if message:
+            widget.props(f'error error-message="{message.replace(chr(34), chr(39))}"')
+        else:
+            widget.props(remove="error error-message")
 
     def start_training(self) -> None:
         try:
@@ -218,24 +260,26 @@ class TrainSteps:
             self.train_bar.props("indeterminate")
         else:
             self.train_bar.props(remove="indeterminate")
-        if job is not None:
-            if job.state in ("queued", "running"):  # what runs, even when the form has changed since
-                self.command.set_content(job.command)
-            self.train_log.set_text(self.jobs.log_tail(job, 30))
+        if job is not None and job.state in ("queued", "running"):  # what runs, even when the form has changed since
+            self.command.set_content(job.command)
+        self.train_log.set_text(self.jobs.log_tail(job, 30) if job is not None else "")  # this concept's job only
         self.update_chart(info["series"])
         if info["previews"]:
             latest = info["previews"][-1]
             self.preview.set_source(self.file_url(latest))
             self.preview.set_visibility(True)
-            self.preview_label.set_text(f"preview at step {int(latest.stem.split('-')[1])} (rows: prompts, columns: seeds)")
+            self.preview_label.set_text(f"{self.rel(self.run_folder)}: preview at step {int(latest.stem.split('-')[1])} "
+                                        "(rows: prompts, columns: seeds)")
         else:
             self.preview.set_visibility(False)
+            self.preview_label.set_text("Previews appear here as the trainer draws them.")
 
     def train_words(self, job, info) -> str:
         step, steps = info["step"], info["steps"]
         count = f"step {step or 0} / {steps or '?'}"
         if job is None:
-            return {"finished": f"finished · {count}", "running": f"{count} (started elsewhere)"}.get(
+            return {"finished": f"finished · {count}", "running": f"{count} (started elsewhere)",
+                    "stopped": f"stopped at {count}: Resume continues from its last checkpoint"}.get(
                 info["status"], "No run yet: press Train.")
         if job.state == "queued":
             return "waiting for the job before it (see Jobs)"
@@ -256,7 +300,11 @@ class TrainSteps:
         if points == self._chart_points:
             return
         self._chart_points = points
-        self.loss_chart.options["series"] = [
-            {"name": name, "type": "line", "showSymbol": False, "data": [[s, v] for s, v in zip(*values)]}
-            for name, values in losses.items()]
+        series = []
+        for (name, (steps, values)), colour in zip(losses.items(), CHART_COLOURS * 4):  # each value faint, the average bold
+            series.append({"name": name, "type": "line", "showSymbol": False, "data": [[s, v] for s, v in zip(steps, values)],
+                           "color": colour, "lineStyle": {"opacity": 0.3, "width": 1}})
+            series.append({"name": f"{name} (smoothed)", "type": "line", "showSymbol": False, "color": colour,
+                           "data": [[s, v] for s, v in zip(steps, smoothed(values))], "lineStyle": {"width": 2.5}})
+        self.loss_chart.options["series"] = series
         self.loss_chart.update()

@@ -11,9 +11,36 @@ from ..errors import PersonalizeError
 from ..generate import run_settings
 from ..methods import METHODS
 from .artefacts import artefacts
-from .jobs import run_status
+from .jobs import format_eta, run_status
+from ..generate import SAMPLERS
 from .options import Option, dataclass_options, flag_tokens, help_line, parse_value
 from .workspace import safe_name
+
+def generate_argv(concepts: list[tuple[str, str]], prompts: list[str], output: str, seed: int = 0, count: int = 1,
+                  **optional: str) -> list[str]:
+    """`personalize generate` argv: each (run folder, token to give it: '' = its own), the prompts, and the optional
+    settings the form leaves empty for the model's own (steps, guidance, negative_prompt, resolution, sampler)."""
+    argv = ["generate"]
+    for folder, _ in concepts:
+        argv += ["--concept", folder]
+    if len(concepts) > 1:
+        for _, token in concepts:
+            argv += ["--token", token]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    argv += ["--seed", str(seed), "--num-images", str(count)]
+    for name, value in optional.items():
+        if (value or "").strip():
+            argv += [f"--{name.replace('_', '-')}", value.strip()]
+    return [*argv, "--output", output]
+
+
+def duration(job, now: float | None = None) -> str:
+    """How long a job ran (or has been running): "1:05"; "" before it starts."""
+    if job.started is None:
+        return ""
+    return format_eta((job.ended or now or time.time()) - job.started)
+
 
 STATE_COLOURS = {"queued": "grey", "running": "primary", "finished": "positive", "failed": "negative", "stopped": "warning"}
 
@@ -33,6 +60,11 @@ class UseSteps:
                 self.count = ui.number("Images per prompt", value=4, min=1, max=64, precision=0).props("outlined dense").classes("w-40")
                 self.gen_steps = ui.input("Sampler steps", placeholder="model's").props("outlined dense").classes("w-32")
                 self.gen_guidance = ui.input("Guidance", placeholder="model's").props("outlined dense").classes("w-32")
+                self.gen_size = ui.input("Size (px)", placeholder="model's").props("outlined dense").classes("w-32") \
+                    .tooltip("--resolution: the side of the square image")
+                self.gen_sampler = ui.select({"": "model's", **{name: name for name in SAMPLERS}}, value="",
+                                             label="Sampler").props("outlined dense").classes("w-32")
+            self.gen_negative = ui.input("Negative prompt", placeholder="none").props("outlined dense id=negative").classes("w-full")
             with ui.row().classes("items-end gap-3"):
                 self.second = ui.select({}, label="Compose with a second concept (optional)", clearable=True,
                                         on_change=self.on_second).props("outlined dense").classes("w-80")
@@ -80,16 +112,11 @@ class UseSteps:
             ui.notify(f"{self.rel(self.run_folder)} has no finished run yet: train it in step 4", type="warning")
             return
         out = self.run_folder / "samples" / time.strftime("%Y%m%d-%H%M%S")
-        argv = ["generate", "--concept", self.rel(self.run_folder)]
-        if self.second.value:
-            argv += ["--concept", self.second.value, "--token", "", "--token", self.second_token.value or ""]
-        for prompt in prompts:
-            argv += ["--prompt", prompt]
-        argv += ["--seed", str(int(self.seed.value or 0)), "--num-images", str(int(self.count.value or 1))]
-        for flag, field in (("--steps", self.gen_steps), ("--guidance", self.gen_guidance)):
-            if (field.value or "").strip():
-                argv += [flag, field.value.strip()]
-        argv += ["--output", self.rel(out)]
+        concepts = [(self.rel(self.run_folder), "")] + ([(self.second.value, self.second_token.value or "")] if self.second.value else [])
+        argv = generate_argv(concepts, prompts, self.rel(out), int(self.seed.value or 0), int(self.count.value or 1),
+                             steps=self.gen_steps.value, guidance=self.gen_guidance.value,
+                             negative_prompt=self.gen_negative.value, resolution=self.gen_size.value,
+                             sampler=self.gen_sampler.value)
         job = self.submit("generate", argv, self.rel(out))
         if job:
             self.generation_job = job.id
@@ -126,7 +153,7 @@ class UseSteps:
         options = [o for o in dataclass_options(EvalConfig) if o.name not in ("concept", "output", "model", "model_config")]
         protocol = next(o for o in options if o.name == "protocol")
         with ui.row().classes("items-end gap-3"):
-            self.protocol = ui.select(list(protocol.choices), value="toy", label="--protocol").props("outlined dense").classes("w-48")
+            self.protocol = ui.select(list(protocol.choices), value="toy", label="Protocol (--protocol)").props("outlined dense").classes("w-48")
             ui.button("Evaluate", icon="insights", on_click=lambda: self.evaluate(options)).props("id=evaluate")
         ui.label("toy: the toy judge scores the toy model's images (no downloads); the paper protocols need the metric "
                  "networks below (CLIP, DINO, Inception, AlexNet-LPIPS weights you have).").classes("help")
@@ -153,11 +180,11 @@ class UseSteps:
             self.eval_values[option.name] = value
 
         if option.kind is bool:
-            ui.switch(option.flag, value=bool(option.default), on_change=changed)
+            ui.switch(option.label, value=bool(option.default), on_change=changed)
         elif option.choices:
-            ui.select(list(option.choices), value=option.default, label=option.flag, on_change=changed).props("outlined dense")
+            ui.select(list(option.choices), value=option.default, label=option.label, on_change=changed).props("outlined dense")
         else:
-            ui.input(option.flag, value="" if option.default is None else str(option.default), on_change=changed) \
+            ui.input(option.label, value="" if option.default is None else str(option.default), on_change=changed) \
                 .props("outlined dense").classes("w-full")
 
     def eval_folder(self) -> Path:
@@ -226,9 +253,18 @@ class UseSteps:
                     ui.badge(job.state, color=STATE_COLOURS.get(job.state, "grey"))
                     ui.label(job.kind).classes("font-bold")
                     ui.label(time.strftime("%H:%M:%S", time.localtime(job.created))).classes("help")
+                    took = duration(job)
+                    if took:
+                        ui.label(f"{'running for' if job.state == 'running' else 'took'} {took}").classes("help")
                     if job.state in ("queued", "running"):
                         ui.button("stop", on_click=lambda j=job: self.jobs.stop(j.id)).props("flat dense size=sm")
+                    if job.kind == "train":
+                        ui.button("open", on_click=lambda j=job: ui.navigate.to(f"/?job={j.id}")).props("flat dense size=sm") \
+                            .tooltip("this job's concept and settings in this tab")
                 ui.label(job.command).classes("font-mono text-xs break-all")
                 if job.message:
                     colour = "text-negative" if job.state == "failed" else "text-gray-600"
                     ui.label(job.message).classes(f"text-xs {colour} whitespace-pre-wrap")
+                with ui.expansion("log").classes("w-full text-xs").props("dense") as log:
+                    text = ui.label("").classes("font-mono text-xs whitespace-pre-wrap")
+                log.on_value_change(lambda e, j=job, text=text: text.set_text(self.jobs.log_tail(j, 200) if e.value else ""))

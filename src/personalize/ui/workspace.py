@@ -1,7 +1,9 @@
 """The UI's workspace: the one folder whose files it reads and writes, and what the loader will do to each image.
 
 Every path typed into the UI is resolved inside the workspace (symlinks followed) and refused when it leads out of
-it, so a browser, even one that is not the user's, cannot make the app read or write elsewhere. Uploads are
+it, so a browser, even one that is not the user's, cannot make the app read or write elsewhere. Base models are the
+one exception, and a bounded one: a built-in name, a hub id (read from the Hugging Face cache), or a folder or file
+named when the UI was started (`personalize ui --model-dir PATH`, and the default model). Uploads are
 size-limited and decoded by `data.load_rgb`, the loader the CLI trains from, before they are kept.
 
 Layout: `uploads/<concept>/` (images added in the browser, with their `NAME.mask.png`), `runs/<concept>/` (run
@@ -24,13 +26,16 @@ from ..export import atomic_write
 UPLOADS, RUNS, STATE = "uploads", "runs", ".personalize-ui"
 DEFAULT_MAX_UPLOAD_MB = 20  # per file: a few megapixels is plenty for personalisation (the loader downsizes anyway)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")  # org/name, as the loader reads a hub id
 
 
 class Workspace:
-    def __init__(self, root: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
+    def __init__(self, root: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, model_dirs: tuple[str, ...] = ()):
         self.root = Path(root).expanduser().resolve()
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Model folders or files outside the workspace the page may name: the ones given when the UI was started.
+        self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
 
     # -- paths -----------------------------------------------------------------------------------------------
 
@@ -43,6 +48,39 @@ class Workspace:
         if path != self.root and self.root not in path.parents:
             raise PersonalizeError(f"{what} {text} is outside the workspace {self.root}; the UI reads and writes only "
                                    f"inside it (start `personalize ui --workspace DIR` elsewhere to use other folders)")
+        return path
+
+    def check_model(self, spec: str, what: str = "--model", started_with: str | None = None) -> None:
+        """Refuse a base model (or a model-config / weights folder) the page may not read: allowed are built-in
+        names, hub ids, what the UI was started with (`started_with`, the --model-dir folders) and the workspace."""
+        from ..architectures import is_random_model
+        from ..tiny import TINY_MODELS
+
+        spec = str(spec).strip()
+        if spec in ("toy", *TINY_MODELS, started_with) or is_random_model(spec):
+            return
+        local = (self.root / Path(spec).expanduser()).resolve()  # how the job, run in the workspace, reads it
+        if _HUB_ID.match(spec) and not (self.root / spec).exists():
+            return  # a hub id: the loader reads it from the Hugging Face cache (or the hub)
+        if any(local == d or d in local.parents for d in self.model_dirs):
+            return
+        try:
+            self.resolve(spec, what)
+        except PersonalizeError:
+            allowed = ", ".join(map(str, self.model_dirs)) or "none given"
+            raise PersonalizeError(f"{what} {spec} is outside the workspace {self.root}: the page may use a built-in "
+                                   f"model, a hub id, a path in the workspace, or one under a folder given as "
+                                   f"`personalize ui --model-dir PATH` ({allowed})") from None
+
+    def check_dataset(self, typed: str) -> Path:
+        """A --dataset file in the workspace whose subsets' folders are in the workspace too."""
+        from ..data import read_dataset
+
+        path = self.resolve(typed, "--dataset")
+        for subset in read_dataset(path):
+            for folder in (subset.images, subset.class_images):
+                if folder:
+                    self.resolve(folder, f"--dataset {typed}: subset folder")
         return path
 
     def relative(self, path: str | Path) -> str:
@@ -68,6 +106,20 @@ class Workspace:
         found = [p.parent for pattern in ("*/run.json", "*/*/run.json") for p in self.root.glob(pattern)
                  if STATE not in p.parts]
         return sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def save_caption(self, image: str | Path, text: str) -> Path:
+        """Write the caption file the loader reads beside `image` (NAME.txt), or remove it when `text` is empty;
+        only for an image inside the workspace. Returns the caption file's path."""
+        image = self.resolve(image, "image")
+        if not image.is_file():
+            raise PersonalizeError(f"{self.relative(image)}: no such image")
+        caption = image.with_suffix(CAPTION_EXTENSION)
+        text = text.strip()
+        if text:
+            atomic_write(caption, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        else:
+            caption.unlink(missing_ok=True)
+        return caption
 
     # -- uploads ---------------------------------------------------------------------------------------------
 
