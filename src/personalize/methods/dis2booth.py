@@ -38,9 +38,16 @@ There is no public code; every choice the paper leaves open is made here, and li
    average-pooled to at most `--max-feature-positions` (default 256 = 16×16) so the pairwise cost of ℓ_con stays
    B·l·256² (at SDXL 1024 px an unpooled 128×128 map would be 268M pairs per queued item). Several modules: the
    losses are averaged over modules. Only instance rows are used (not prior-preservation class rows).
-4. Queues. Length l (`--queue-length`, default 16) of detached per-image features; an anchor sub-step pushes its
-   anchor features to Q_a, a delta sub-step its delta features to Q_d, after the loss (so the current feature is
-   never compared with itself). Empty queue: the term is 0. Queues are checkpointed, so resume is exact.
+4. Queues. Length l (`--queue-length`, default 16) of detached per-image features. As the paper says ("at the end
+   of each iteration, the latest obtained features are inserted at the rear of the queues"), a queue changes only
+   between iterations: during an iteration the features a feature loss used wait, and `begin_step` of the next
+   iteration pushes them — for Q_a the contextual sub-step's anchor features, for Q_d the *last* delta sub-step's
+   (the latest obtained; so all k delta sub-steps of one iteration compare with the same queue, and each queue
+   receives one batch per iteration). The current feature is therefore never in the queue it is compared with.
+   (Until 2026-12-07 a delta sub-step pushed after its own loss, k pushes per iteration: Q_d of length 16 at
+   batch 4 then held only the last four sub-steps, mostly of the same iteration. Every Dis²Booth bench row up
+   to 2026-12-06 was made with that schedule.) Empty queue: the term is 0 and the sub-step makes no update.
+   Queues and the waiting features are checkpointed, so resume is exact.
 5. Cosine D_cos takes the absolute value (eq. 9); ℓ_delta flattens each map into one vector; m = 0.5 by default.
 6. Text encoders stay frozen (as in the paper).
 Export: one fused LoRA of rank 2r, exact (B = [α·s·B_a, β·s·B_d], A = [A_a; A_d], scale 1), plus the two parts.
@@ -56,6 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PersonalizeError
+from ..export import run_name
+from ..howto import write_howto
 from ..lora import adapter_state, scaling, set_adapter_state
 from .base import Batch
 from .dreambooth_lora import DreamBoothLora, DreamBoothLoraConfig, _json_safe, adapter_layers, save_lora_files
@@ -127,15 +136,20 @@ class Dis2Booth(DreamBoothLora):
     default_lr = 1e-4
     adapters = ("anchor", "delta")
 
-    def __init__(self, config: Dis2BoothConfig, backbone, captions=None, images=None, **data):
+    @classmethod
+    def check(cls, config: Dis2BoothConfig, concepts: list) -> None:
         if config.train_text_encoder:
             raise PersonalizeError("dis2booth trains UNet LoRA only (the paper keeps the text encoders frozen)")
         if config.anchor_weight + config.delta_weight <= 0:
             raise PersonalizeError("--anchor-weight + --delta-weight must be positive")
+        super().check(config, concepts)
+
+    def __init__(self, config: Dis2BoothConfig, backbone, captions=None, images=None, **data):
         super().__init__(config, backbone, captions, images, **data)
         self.unet = backbone.unet
         self.register_buffer("split_done", torch.zeros(()))  # checkpointed through extra_state
         self.queues: dict[str, FeatureQueue] = {}  # "anchor_0", "delta_0", ...: one per adapter and hooked module
+        self.pending: dict[str, torch.Tensor] = {}  # this iteration's latest features per queue, pushed at its end
         self._features: dict[str, list[torch.Tensor]] = {a: [] for a in self.adapters}
         self._hook_feature_modules()
         self._apply_weights()
@@ -189,10 +203,17 @@ class Dis2Booth(DreamBoothLora):
         return self.SUBSTEP_GROUPS[substep]
 
     def begin_step(self, step: int) -> None:
+        self._push_pending()  # the end of the previous iteration (choice 4)
         # The split calls peft's set_adapters, which switches every active adapter's gradients back on: it runs
         # here, before the trainer switches them for the step's first sub-step, never inside a loss.
         if step >= self.config.warmup_steps and not self.split_done.item():
             self._split()
+
+    def _push_pending(self) -> None:
+        """The end of an iteration: the latest features of each queue join it (the paper's queue update)."""
+        for key, features in self.pending.items():
+            self.queues.setdefault(key, FeatureQueue(self.config.queue_length)).push(features)
+        self.pending = {}
 
     # -- features ----------------------------------------------------------------------------------------------
     def _hook_feature_modules(self) -> None:
@@ -215,15 +236,16 @@ class Dis2Booth(DreamBoothLora):
     training_features = False
 
     def _feature_losses(self, adapter: str, n: int) -> torch.Tensor:
-        """ℓ_con (anchor) or ℓ_delta (delta), averaged over hooked modules; then push the current features."""
+        """ℓ_con (anchor, eq. 7) or ℓ_delta (delta, eq. 11) against the queue as it stood when the iteration began,
+        averaged over hooked modules; the current features wait in `pending` for the iteration's end (choice 4)."""
         losses, cfg = [], self.config
         for i, feature in enumerate(self._features[adapter]):
             feature = pool_positions(feature[:n], cfg.max_feature_positions)
-            queue = self.queues.setdefault(f"{adapter}_{i}", FeatureQueue(cfg.queue_length))
-            queued = queue.tensor()
+            key = f"{adapter}_{i}"
+            queued = self.queues[key].tensor() if key in self.queues else None
             if queued is not None:
                 losses.append(contextual_loss(feature, queued) if adapter == "anchor" else delta_loss(feature, queued, cfg.delta_margin))
-            queue.push(feature)  # after the loss: the current feature is never compared with itself
+            self.pending[key] = feature.detach()  # the latest of this iteration: a later sub-step's replaces it
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.split_done.device)
 
     # -- loss --------------------------------------------------------------------------------------------------
@@ -254,16 +276,19 @@ class Dis2Booth(DreamBoothLora):
     # -- checkpoint state beyond parameters ---------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
         state = {f"queue.{k}": q.tensor().cpu() for k, q in self.queues.items() if q.items}
+        state.update({f"pending.{k}": v.cpu() for k, v in self.pending.items()})  # pushed by the next begin_step
         return {**state, "split_done": self.split_done.cpu()}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         device = self.split_done.device
         self.split_done.copy_(state["split_done"])
-        self.queues = {}
+        self.queues, self.pending = {}, {}
         for key, value in state.items():
             if key.startswith("queue."):
                 queue = self.queues[key[len("queue."):]] = FeatureQueue(self.config.queue_length)
                 queue.items = list(value.to(device).unbind(0))
+            elif key.startswith("pending."):
+                self.pending[key[len("pending."):]] = value.to(device)
         self._apply_weights()
 
     # -- files -------------------------------------------------------------------------------------------------
@@ -286,9 +311,14 @@ class Dis2Booth(DreamBoothLora):
         fused, rank = self.fused_state()
         meta = _json_safe(self.unet.peft_config["anchor"].to_dict())
         fused_meta = {**meta, "r": rank, "lora_alpha": rank}
+        name = run_name(output_dir)
         files = save_lora_files(self.backbone, output_dir, {"unet": fused}, {"unet": fused_meta}, {"unet": rank},
-                                step=step, stem=self.config.token)
+                                step=step, name=name)
         for adapter in self.adapters:  # the two parts, to recombine with set_adapters([...], [α, β])
             files += save_lora_files(self.backbone, output_dir / adapter, *adapter_layers({"unet": self.unet}, adapter),
-                                     step=step, stem=f"{self.config.token}-{adapter}")
-        return files
+                                     step=step, name=f"{name}-{adapter}")
+        weights = (self.config.anchor_weight, self.config.delta_weight)
+        recombine = (f"diffusers recombines the parts: load each with adapter_name={'/'.join(self.adapters)}, then "
+                     f"pipe.set_adapters({list(self.adapters)}, {list(weights)})")
+        parts = {adapter: f"the {adapter} LoRA alone (the run's LoRA above holds both); {recombine}" for adapter in self.adapters}
+        return files + [write_howto(output_dir, files, self.prompt_subjects(), parts)]

@@ -2,8 +2,9 @@
 
 One file per paper's claims (`batex.py`, `singleinsert.py`, `dis2booth.py`), the model's own gates
 (`base_model.py`), the learning-rate sweep (`sweep.py`) and what they share (`common.py`): settings, runs,
-sampling with the same seeds for every row, measuring, and the paired sign test that turns "A beats B" into held /
-reversed / inside noise. Writes OUTPUT/bench.json (every row, the verdicts, the chosen rates), OUTPUT/bench.md
+sampling with the same seeds for every row, measuring) and `stats.py`, the one place where "A beats B" becomes held /
+reversed / inside noise (concept means, exact two-sided sign test over concepts, Holm within a paper, bootstrap
+interval). Writes OUTPUT/bench.json (every row, the verdicts, the chosen rates), OUTPUT/bench.md
 (tables and verdicts), OUTPUT/grids/*.png (samples per row) and OUTPUT/*.png plots; partial results are written
 after every suite, so a long bench that dies keeps what it measured.
 """
@@ -20,7 +21,8 @@ from ...errors import PersonalizeError
 from ...export import atomic_write
 from .base_model import suite_base_model
 from .batex import suite_embeddings
-from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, paired, preview_curve, render_set, saturated,
+from . import stats
+from .common import (BENCH_LR, BenchConfig, concept_traits, method_rate, preview_curve, render_set, saturated,
                      select_runs, steps_to_converge, subject_of, summarise)
 from .dis2booth import EQUAL_UPDATES, SCAN, scan_label, suite_dis2booth_scan, suite_distribution
 from .singleinsert import suite_singleinsert
@@ -37,7 +39,10 @@ SUITES = {
     "distribution": suite_distribution,
     "dis2booth-scan": suite_dis2booth_scan,
 }
-CLAIMS = [  # (suite, metric, A, B, higher is better): each paper's "A beats B", tested pairwise
+# Which paper's family a suite's claims belong to: Holm's correction runs over the claims of one paper.
+PAPER_OF_SUITE = {"embeddings": "BaTex", "init-word": "BaTex", "basis-size": "BaTex", "distance": "BaTex",
+                  "singleinsert": "SingleInsert", "distribution": "Dis²Booth", "dis2booth-scan": "Dis²Booth"}
+CLAIMS = [  # (suite, metric, A, B, higher is better): each paper's "A beats B", tested over concepts (stats.py)
     ("embeddings", "text_alignment", "batex", "textual-inversion", True),
     ("embeddings", "image_alignment", "batex", "textual-inversion", True),
     ("embeddings", "edit_keeps_concept", "batex", "textual-inversion", True),
@@ -144,17 +149,32 @@ def _unique(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdicts(rows: list[dict]) -> list[dict]:
-    """Each claim whose rows were measured, with its paired comparison; a metric on which every run of both rows
-    reads the same value (1.00, say) is reported as not separating them, whatever other rows read."""
-    out = []
-    for suite, metric, a, b, higher in CLAIMS:
-        result = paired(rows, metric, a, b, higher, suite)
-        if result["n"]:
-            if saturated([r for r in rows if r["method"] in (a, b)], metric, suite):  # e.g. both obey every edit
-                result["verdict"] = "does not separate the rows (saturated)"
-            out.append({"suite": suite, **result})
+def verdicts(rows: list[dict], claims: list[tuple] | None = None) -> list[dict]:
+    """Each claim whose two rows share a concept, decided by `stats` (concept means, two-sided sign test, Holm over
+    the claims of one paper the rows can test, bootstrap interval); a metric on which every run of both rows reads
+    the same value (1.00, say) is reported as not separating them, whatever other rows read."""
+    measured = []
+    for suite, metric, a, b, higher in CLAIMS if claims is None else claims:
+        result = stats.compare(rows, metric, a, b, higher, suite)
+        if result["concepts"]:
+            measured.append({"suite": suite, **result})
+    out = stats.decide(measured, lambda c: PAPER_OF_SUITE.get(c["suite"], c["suite"]))
+    for result in out:
+        if saturated([r for r in rows if r["method"] in (result["a"], result["b"])], result["metric"], result["suite"]):
+            result["verdict"] = "does not separate the rows (saturated)"  # e.g. both obey every edit
     return out
+
+
+def format_claim(c: dict) -> list[str]:
+    """A verdict's cells: concepts (runs), wins-losses-ties over concepts, mean difference [95 % interval], p, p
+    after Holm, verdict. The difference is signed so that > 0 favours the claim's A."""
+    low, high = c["interval"]
+    return [f"{c['concepts']} ({c['runs_a']}+{c['runs_b']})", f"{c['wins']}-{c['losses']}-{c['ties']}",
+            f"{c['mean_difference']:+.3g} [{low:+.3g}, {high:+.3g}]", f"{c['p']:.2g}", f"{c['p_holm']:.2g}", c["verdict"]]
+
+
+CLAIM_HEADER = ["claim", "concepts (runs A+B)", "wins-losses-ties (concepts)", "mean difference [95 % CI]", "p",
+                "p (Holm)", "verdict"]
 
 
 def _write(output: Path, cfg: BenchConfig, rows: list[dict], started: str, extra: dict) -> list[Path]:
@@ -163,9 +183,9 @@ def _write(output: Path, cfg: BenchConfig, rows: list[dict], started: str, extra
     json_file = atomic_write(output / "bench.json", lambda t: t.write_text(json.dumps(payload, indent=1, default=str)))
     md = f"# personalize bench ({started})\n\nsettings: {json.dumps(asdict(cfg))}\n" + summarise(rows)
     if claims:
-        md += "\n### paired claims (sign test over runs paired by concept and seed)\n\n| claim | N | wins | losses | ties | mean diff | verdict |\n|---|---|---|---|---|---|---|\n"
-        md += "".join(f"| {c['claim']} | {c['n']} | {c['wins']} | {c['losses']} | {c['ties']} | "
-                      f"{c['mean_difference']:.3g} | {c['verdict']} |\n" for c in claims)
+        md += ("\n### claims (each concept's runs averaged; exact two-sided sign test over concepts; Holm within a paper;"
+               " held / reversed at p (Holm) < 0.05)\n\n| " + " | ".join(CLAIM_HEADER) + " |\n" + "|---" * len(CLAIM_HEADER) + "|\n")
+        md += "".join("| " + " | ".join([c["claim"], *format_claim(c)]) + " |\n" for c in claims)
     if extra.get("chosen_rates"):
         md += f"\nchosen learning rates: {json.dumps(extra['chosen_rates'])}\n"
     md_file = atomic_write(output / "bench.md", lambda t: t.write_text(md))

@@ -1,10 +1,9 @@
 """What every bench suite shares: the settings, the world's training sets, one run, sampling, measuring, and the
-statistics that turn rows into verdicts."""
+row summaries (the statistics that turn rows into verdicts live in `stats.py`)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import statistics
 import time
@@ -31,7 +30,9 @@ SECOND_OBJECT = {"colour": "green", "shape": "heart"}  # the composition edit: "
 class BenchConfig:
     output: str | None = field(default=None, metadata={"help": "folder for bench.json, bench.md, grids/ and plots"})
     suite: list[str] = field(default_factory=lambda: ["embeddings"], metadata={"help": "which tables (see `personalize bench --help`)"})
-    concepts: int = field(default=3, metadata={"help": "how many held-out concepts (or categories) to use"})
+    concepts: int = field(default=3, metadata={
+        "help": "how many bench concepts (world.BENCH_CONCEPTS: the 3 held-out first, up to 12) or Dis²Booth categories "
+                "(world.CATEGORIES, up to 6) to use"})
     seeds: int = field(default=3, metadata={"help": "training seeds per concept"})
     first_seed: int = field(default=0, metadata={"help": "the first training seed (with --merge: extend an earlier bench by more seeds)"})
     concept_index: list[int] = field(default_factory=list, metadata={
@@ -42,8 +43,12 @@ class BenchConfig:
     edit_samples: int = field(default=8, metadata={"help": "images per editing prompt"})
     inference_steps: int | None = field(default=None, metadata={"help": "sampler steps (default: the toy model's recommended)"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: the toy model's recommended)"})
+    curve: bool = field(default=True, metadata={
+        "help": "measure the embeddings suite along training (3 points); --no-curve: at the last step only (the same "
+                "final rows: a run resumed in segments continues exactly; a third of the sampling)"})
     keep_runs: bool = field(default=False, metadata={"help": "keep every run's folder under OUTPUT/runs"})
-    methods: list[str] = field(default_factory=list, metadata={"help": "only the trained rows with these labels (as in bench.md); default all"})
+    methods: list[str] = field(default_factory=list, metadata={
+        "help": "only the trained rows with these labels (as in bench.md; the embeddings suite's base rows too); default all"})
     model: str = field(default="toy", metadata={"help": "the toy-world model to bench (a folder of the same world)"})
     rates: str | None = field(default=None, metadata={"help": "a bench.json of an lr-sweep whose chosen rates to use"})
     merge: list[str] = field(default_factory=list, metadata={
@@ -52,7 +57,12 @@ class BenchConfig:
 
 def chosen_concepts(cfg: BenchConfig, items) -> list[tuple[int, object]]:
     """(index, item) of the first --concepts items, only those --concept-index names when it names any."""
-    return [(i, item) for i, item in enumerate(list(items)[: cfg.concepts]) if not cfg.concept_index or i in cfg.concept_index]
+    items = list(items)
+    if cfg.concepts > len(items):
+        from ...errors import PersonalizeError
+
+        raise PersonalizeError(f"--concepts {cfg.concepts}: this suite has {len(items)} concepts (or categories)")
+    return [(i, item) for i, item in enumerate(items[: cfg.concepts]) if not cfg.concept_index or i in cfg.concept_index]
 
 
 def run_seeds(cfg: BenchConfig) -> range:
@@ -261,7 +271,7 @@ def method_rate(cfg: BenchConfig, method: str) -> float | None:
     return BENCH_LR.get(method)
 
 
-# -- statistics ------------------------------------------------------------------------------------------------
+# -- summaries -------------------------------------------------------------------------------------------------
 
 
 def summarise(rows: list[dict]) -> str:
@@ -285,32 +295,6 @@ def summarise(rows: list[dict]) -> str:
                     cells.append(f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}")
             lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """One-sided binomial sign-test p-value of `wins` against `losses` (ties left out)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
-
-
-def paired(rows: list[dict], metric: str, a: str, b: str, higher_is_better: bool = True, suite: str | None = None) -> dict:
-    """"A beats B on `metric`": runs paired by (concept, seed); wins, losses, ties, mean difference, and a verdict:
-    held (sign test p < 0.1), reversed (B wins at p < 0.1), or inside noise."""
-    def by_key(method):
-        return {(r["concept"], r["seed"]): r[metric] for r in rows
-                if r["method"] == method and (suite is None or r["suite"] == suite) and isinstance(r.get(metric), (int, float))}
-
-    left, right = by_key(a), by_key(b)
-    keys = sorted(set(left) & set(right))
-    sign = 1 if higher_is_better else -1
-    diffs = [sign * (left[k] - right[k]) for k in keys]
-    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    verdict = "held" if sign_test(wins, losses) < 0.1 else "reversed" if sign_test(losses, wins) < 0.1 else "inside noise"
-    return {"claim": f"{a} {'>' if higher_is_better else '<'} {b} on {metric}", "n": len(keys), "wins": wins,
-            "losses": losses, "ties": len(keys) - wins - losses,
-            "mean_difference": statistics.mean(diffs) if diffs else None, "verdict": verdict if keys else "no pairs"}
 
 
 def saturated(rows: list[dict], metric: str, suite: str) -> bool:

@@ -1,0 +1,337 @@
+"""The results tables of benchmarks/README.md, generated from the committed raw rows (benchmarks/results/).
+
+    python benchmarks/tables.py            # rewrite every generated region of benchmarks/README.md
+    python benchmarks/tables.py --check    # exit 1 and name the regions that differ (tests/test_bench_tables.py)
+
+A generated region sits between `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`; everything
+outside the regions is prose and is left alone. Two kinds of table:
+
+- rows: mean ± std over runs of each row (its concepts, its runs, where and when it ran);
+- claims: each claim decided by `personalize.toyworld.bench.stats` (each concept's runs averaged, exact two-sided
+  sign test over concepts, Holm over every claim of the same paper in these tables, 95 % bootstrap interval of the
+  mean concept difference) — the same module `personalize bench` writes its verdicts with.
+
+Rows of different days or devices are never paired: every row is tagged with the day (the results folder, or an
+override below for rows a file copied from another day) and the device it ran on, and a claim whose runs span more
+than one is shown as "not paired" with no verdict (and is no member of its paper's family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+from personalize.toyworld.bench import stats  # noqa: E402
+from personalize.toyworld.bench.common import saturated  # noqa: E402
+
+README = HERE / "README.md"
+RESULTS = HERE / "results"
+# Rows a file holds that were measured on another day (its "note" says so).
+DAY_OF_ROWS = {("toy-2026-12-06/distribution-equal-updates.json", "dis2booth"): "2026-12-05",
+               ("toy-2026-12-06/distribution-equal-updates.json", "dis2booth: synchronous"): "2026-12-05"}
+PAPER_OF_SUITE = {"embeddings": "BaTex", "init-word": "BaTex", "basis-size": "BaTex", "distance": "BaTex",
+                  "singleinsert": "SingleInsert", "singleinsert-composition": "SingleInsert",
+                  "distribution": "Dis²Booth", "dis2booth-scan": "Dis²Booth"}
+COLUMN = {"image_alignment": "image alignment", "text_alignment": "text alignment", "edit_keeps_concept": "edit keeps concept",
+          "feature_similarity": "judge-feature similarity", "foreground_alignment": "foreground alignment",
+          "background_leakage": "background leakage ↓", "clean_foreground": "clean foreground", "diversity": "diversity ↑",
+          "esr": "toy ESR", "frechet": "judge-feature Fréchet ↓", "keeps_trait": "keeps the common trait",
+          "updates": "updates", "train_seconds": "train s (median)", "both_drawn": "both concepts drawn",
+          "two_objects": "two objects drawn"}
+
+
+@dataclass
+class Claim:
+    text: str  # what the README calls it
+    paper: str  # what the paper reports (a citation, not a measurement)
+    metric: str
+    a: str
+    b: str
+    higher_is_better: bool = True
+
+
+@dataclass
+class Table:
+    name: str  # the README region
+    files: list[str]  # under benchmarks/results/
+    suite: str
+    rows: list[str] = field(default_factory=list)  # the rows table's methods, in order (empty: no rows table)
+    columns: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)  # (empty: no claims table)
+    only: dict = field(default_factory=dict)  # only the rows with these values (e.g. {"held_out": True})
+
+
+SI_COLUMNS = ["foreground_alignment", "background_leakage", "clean_foreground", "text_alignment", "edit_keeps_concept",
+              "diversity", "esr", "train_seconds"]
+D2B_COLUMNS = ["frechet", "diversity", "keeps_trait", "updates", "train_seconds"]
+BATEX_COLUMNS = ["image_alignment", "text_alignment", "edit_keeps_concept", "feature_similarity", "train_seconds"]
+EQ = "dreambooth-lora: as many updates as dis2booth"
+SCAN_PAPER, SCAN_CELLS = "dis2booth λ=1e-05 γ=1e-06", ["dis2booth λ=0.001 γ=0.0001", "dis2booth λ=0.1 γ=0.01", "dis2booth λ=1 γ=1"]
+SI_FULL, TI1, TIL = "singleinsert: full (+L_sm)", "textual-inversion (1 image)", "textual-inversion + LoRA (1 image)"
+
+TABLES = [
+    Table("batex-2.1", ["toy-2026-11-27/embeddings.json"], "embeddings",
+          ["base: full description", "base: init word only", "textual-inversion", "batex"], BATEX_COLUMNS, [
+              Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
+              Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
+              Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]),
+    Table("batex-init-word-2.1", ["toy-2026-11-27/init-word.json"], "init-word",
+          ["textual-inversion", "batex"], ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"], [
+              Claim("BaTex beats TI with a less related init word", "Tables 6 / 7: BaTex image 0.88 → 0.88; TI 0.89 → 0.86",
+                    "image_alignment", "batex", "textual-inversion")]),
+    Table("batex-basis-size-2.1", ["toy-2026-12-05/basis-size.json"], "basis-size",
+          ["batex M=16", "batex M=96", "batex M=512"], BATEX_COLUMNS, [
+              Claim("image alignment rises from M = d/8 to 3d/4", "Table 4: 0.59 (M = 96) → 0.66 (M = 576)", "image_alignment", "batex M=96", "batex M=16"),
+              Claim("… and gains nothing beyond 3d/4 (3d/4 ahead of 4d)", "0.66 at M = 672", "image_alignment", "batex M=96", "batex M=512"),
+              Claim("text alignment slightly higher at M = 3d/4 than d/8", "Table 4: 0.77 → 0.80", "text_alignment", "batex M=96", "batex M=16")]),
+    Table("batex-distance-2.1", ["toy-2026-12-05/distance.json"], "distance",
+          ["batex dot", "batex cosine", "batex l2"], BATEX_COLUMNS, [
+              Claim("dot beats L2 on text alignment", "Figure 7: dot above L2", "text_alignment", "batex dot", "batex l2"),
+              Claim("cosine beats L2 on text alignment", "Figure 7: cosine above L2", "text_alignment", "batex cosine", "batex l2"),
+              Claim("dot slightly beats cosine", "\"slightly better\"", "text_alignment", "batex dot", "batex cosine")]),
+    Table("singleinsert-2.1", ["toy-2026-11-27/singleinsert.json"], "singleinsert",
+          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, "singleinsert: stage I only"],
+          SI_COLUMNS, [
+              Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
+              Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
+              Claim("L_sm lowers it further", "CLIP-I-b 0.591 → 0.465", "background_leakage", SI_FULL, "singleinsert: +L_fg +L_bg", False),
+              Claim("L_sm restores editing", "CLIP-T 0.251 → 0.316, ESR 0.655 → 0.810", "text_alignment", SI_FULL, "singleinsert: +L_fg +L_bg"),
+              Claim("the full method leaks less than plain reconstruction", "CLIP-I-b 0.981 → 0.465", "background_leakage", SI_FULL, "singleinsert: baseline", False),
+              Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL, "singleinsert: stage I only", False),
+              Claim("edits keep the concept better than TI+DB", "Table 1: ESR 0.825 vs 0.480", "edit_keeps_concept", SI_FULL, TIL),
+              Claim("a cleaner foreground than TI", "Table 1: CLIP-I-f 0.857 vs 0.758", "clean_foreground", SI_FULL, TI1)]),
+    Table("singleinsert-encoder-reference-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json"], "singleinsert",
+          [SI_FULL, "singleinsert: full, ViT encoder (from scratch)", "singleinsert: official semantic reference", TIL],
+          SI_COLUMNS[:2] + ["clean_foreground", "edit_keeps_concept", "diversity", "esr", "feature_similarity", "train_seconds"], [
+              Claim("the ViT encoder edges the CNN on foreground fidelity", "Table 3: CLIP-I-f 0.857 vs 0.839 (pretrained)",
+                    "foreground_alignment", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
+              Claim("… and on editability", "Table 3: ESR 0.845 vs 0.820", "esr", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
+              Claim("(ours) the official semantic reference differs from the paper's", "—", "edit_keeps_concept",
+                    "singleinsert: official semantic reference", SI_FULL)]),
+    Table("singleinsert-compositions-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json", "toy-2026-11-27/singleinsert.json"],
+          "singleinsert-composition", [SI_FULL, TIL, TI1], ["both_drawn", "two_objects"], [
+              Claim("two concepts trained apart compose better than with TI+LoRA", "\"beyond BreakAScene\" (no table)", "both_drawn", SI_FULL, TIL),
+              Claim("… and better than with TI", "(no table)", "both_drawn", SI_FULL, TI1)]),
+    Table("dis2booth-2.1", ["toy-2026-11-27/distribution.json"], "distribution",
+          ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", EQ, "dis2booth"], D2B_COLUMNS, [
+              Claim("closer to the category than DreamBooth-LoRA", "Table 1: FID 27.63 vs 32.50, 58.15 vs 112.27", "frechet", "dis2booth", "dreambooth-lora", False),
+              Claim("more diverse than DreamBooth-LoRA", "LPIPS 0.5356 vs 0.5276, 0.5189 vs 0.5022", "diversity", "dis2booth", "dreambooth-lora"),
+              Claim("closer to the category than Textual Inversion", "FID 27.63 vs 55.48, 58.15 vs 94.91", "frechet", "dis2booth", "textual-inversion", False),
+              Claim("(not a paper claim) keeps the shared trait more than DreamBooth-LoRA", "—", "keeps_trait", "dis2booth", "dreambooth-lora")]),
+    Table("dis2booth-ablations-2.1", ["toy-2026-12-05/distribution-ablations.json"], "distribution",
+          ["dis2booth", "base: class word", "real renders (the floor)", "dis2booth: no contextual loss", "dis2booth: no delta loss",
+           "dis2booth: synchronous", "dis2booth: folded schedule"], D2B_COLUMNS, [
+              Claim("ℓ_con helps (Fréchet)", "no ablation table (§3)", "frechet", "dis2booth", "dis2booth: no contextual loss", False),
+              Claim("ℓ_delta helps (Fréchet)", "no ablation table", "frechet", "dis2booth", "dis2booth: no delta loss", False),
+              Claim("asynchronous beats synchronous training (Fréchet)", "§3: synchronous \"can lead to … collapse\"", "frechet", "dis2booth", "dis2booth: synchronous", False),
+              Claim("(ours) Algorithm 1's schedule beats the folded one (Fréchet)", "—", "frechet", "dis2booth", "dis2booth: folded schedule", False),
+              Claim("(ours) … on the shared trait", "—", "keeps_trait", "dis2booth", "dis2booth: folded schedule")]),
+    Table("dis2booth-scan-2.1", ["toy-2026-12-05/dis2booth-scan.json"], "dis2booth-scan",
+          [SCAN_PAPER, *SCAN_CELLS], ["frechet", "diversity", "keeps_trait", "train_seconds"], [
+              Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
+              for cell in SCAN_CELLS for m in ("frechet", "diversity")]),
+    Table("dis2booth-equal-updates-2.1", ["toy-2026-12-06/distribution-equal-updates.json"], "distribution",
+          ["dis2booth", "dis2booth: synchronous", "dreambooth-lora", EQ, "base: class word", "real renders (the floor)"], D2B_COLUMNS, [
+              Claim(f"{text} ({COLUMN[m]})", paper, m, a, b, m != "frechet")
+              for text, paper, a, b in (
+                  ("Dis²Booth beats DreamBooth-LoRA, 120 updates", "Table 1's comparison", "dis2booth", "dreambooth-lora"),
+                  ("Dis²Booth beats DreamBooth-LoRA, 1,000 updates each", "not in the paper", "dis2booth", EQ),
+                  ("DreamBooth-LoRA: 1,000 beats 120 updates", "not in the paper", EQ, "dreambooth-lora"),
+                  ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper", "dis2booth: synchronous", "dreambooth-lora"))
+              for m in ("frechet", "diversity", "keeps_trait")]),
+]
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+
+
+def _device(row: dict) -> str:
+    device = row.get("device") or "CPU"  # files without the field all ran on this project's CPU machine
+    return "H200" if device.startswith("H200") else "CPU" if device.startswith("CPU") else device.split(" ")[0]
+
+
+def load_rows(name: str) -> list[dict]:
+    """A raw-row file's rows, each tagged with `origin`: the day (the folder's date, or DAY_OF_ROWS) and device."""
+    folder_day = re.search(r"\d{4}-\d{2}-\d{2}", name).group(0)
+    rows = json.loads((RESULTS / name).read_text())["rows"]
+    return [{**r, "origin": f"{DAY_OF_ROWS.get((name, r['method']), folder_day)} {_device(r)}"} for r in rows]
+
+
+def _table_rows(table: Table) -> list[dict]:
+    """The rows of the table's suite from its files; a method is taken from the first file that has it."""
+    out, seen = [], set()
+    for name in table.files:
+        rows = [r for r in load_rows(name) if r["suite"] == table.suite and all(r.get(k) == v for k, v in table.only.items())]
+        fresh = {r["method"] for r in rows} - seen
+        out += [r for r in rows if r["method"] in fresh]
+        seen |= fresh
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(values: list[float], metric: str) -> str:
+    if not values:
+        return "—"
+    if metric == "train_seconds":
+        return f"{statistics.median(values):.0f}"
+    mean = statistics.mean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    if metric == "updates" or (spread == 0 and float(mean).is_integer() and mean > 1):
+        return f"{mean:.0f}"
+    digits = 0 if abs(mean) >= 100 else 3
+    return f"{mean:.{digits}f}" if spread == 0 else f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def rows_table(table: Table, rows: list[dict]) -> str:
+    head = ["row", "concepts", "runs", *(COLUMN[c] for c in table.columns), "ran (day, device)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for method in table.rows:
+        group = [r for r in rows if r["method"] == method]
+        if not group:
+            continue
+        cells = [_cell([float(r[c]) for r in group if _number(r.get(c))], c) for c in table.columns]
+        origins = ", ".join(sorted({r["origin"] for r in group}))
+        lines.append(f"| {method} | {len({r['concept'] for r in group})} | {len(group)} | " + " | ".join(cells) + f" | {origins} |")
+    return "\n".join(lines)
+
+
+# -- claims -------------------------------------------------------------------------------------------------------
+
+
+def _short(value: float | None, sign: str = "", scale: float | None = None) -> str:
+    """Rates and similarities to 3 decimals, Fréchet distances (≥ 100, or on a scale ≥ 100) to whole numbers."""
+    if value is None:
+        return "—"
+    value = round(value, 9) + 0.0  # no "-0.000" from float noise
+    return f"{value:{sign}.0f}" if abs(value if scale is None else scale) >= 100 else f"{value:{sign}.3f}"
+
+
+def _difference(c: dict) -> str:
+    """The mean concept difference (> 0 favours A) and its bootstrap interval, on one scale."""
+    low, high = c["interval"]
+    scale = max(abs(c["mean_difference"]), abs(low), abs(high))
+    return "{} [{}, {}]".format(*(_short(v, "+", scale) for v in (c["mean_difference"], low, high)))
+
+
+def all_comparisons() -> dict[tuple[str, int], dict]:
+    """Every claim of every table, decided together: Holm runs over the claims of one paper that can be paired."""
+    measured, unpaired = [], {}
+    for table in TABLES:
+        rows = _table_rows(table)
+        for i, claim in enumerate(table.claims):
+            c = {**stats.compare(rows, claim.metric, claim.a, claim.b, claim.higher_is_better, table.suite),
+                 "suite": table.suite, "key": (table.name, i)}
+            origins = sorted({r["origin"] for r in rows if r["method"] in (claim.a, claim.b)})
+            if len(origins) > 1:
+                unpaired[c["key"]] = {**c, "verdict": f"not paired: rows of {' and '.join(origins)}", "p_holm": None}
+            elif c["concepts"]:
+                c["saturated"] = saturated([r for r in rows if r["method"] in (claim.a, claim.b)], claim.metric, table.suite)
+                measured.append(c)
+    decided = stats.decide(measured, lambda c: PAPER_OF_SUITE[c["suite"]])
+    for c in decided:
+        if c["saturated"]:
+            c["verdict"] = "does not separate the rows (saturated)"
+    return {**{c["key"]: c for c in decided}, **unpaired}
+
+
+def claims_table(table: Table, decided: dict) -> str:
+    head = ["claim", "paper", "ours: A vs B (concept means)", "concepts (runs A+B)", "wins-losses-ties (concepts)",
+            "mean difference [95 % CI]", "p", "p (Holm)", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for i, claim in enumerate(table.claims):
+        c = decided.get((table.name, i))
+        if c is None or not c["concepts"]:
+            lines.append(f"| {claim.text} | {claim.paper} | no rows | — | — | — | — | — | — |")
+            continue
+        holm = "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+        lines.append(f"| {claim.text} | {claim.paper} | {COLUMN[claim.metric]} {_short(c['mean_a'])} vs {_short(c['mean_b'])} | "
+                     f"{c['concepts']} ({c['runs_a']}+{c['runs_b']}) | {c['wins']}-{c['losses']}-{c['ties']} | "
+                     f"{_difference(c)} | {c['p']:.2g} | {holm} | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def at_a_glance(decided: dict) -> str:
+    head = ["paper", "claim", "raw rows", "concepts", "mean difference [95 % CI]", "p (Holm)", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for table in TABLES:
+        for i, claim in enumerate(table.claims):
+            c = decided.get((table.name, i))
+            if c is None or not c["concepts"]:
+                continue
+            holm = "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+            files = ", ".join(f"`{f.replace('.json', '')}`" for f in table.files)
+            lines.append(f"| {PAPER_OF_SUITE[table.suite]} | {claim.text} | {files} | {c['concepts']} | "
+                         f"{_difference(c)} | {holm} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+def regions() -> dict[str, str]:
+    """Every generated region's text, by name."""
+    decided = all_comparisons()
+    out = {"claims-at-a-glance-2.1": at_a_glance(decided)}
+    for table in TABLES:
+        rows = _table_rows(table)
+        if table.rows:
+            out[f"{table.name}-rows"] = rows_table(table, rows)
+        if table.claims:
+            out[f"{table.name}-claims"] = claims_table(table, decided)
+    return out
+
+
+# -- the README ---------------------------------------------------------------------------------------------------
+
+REGION = re.compile(r"(<!-- begin generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(\n<!-- end generated: (?P=name) -->)", re.S)
+
+
+def rewrite(text: str, generated: dict[str, str]) -> tuple[str, list[str]]:
+    """`text` with every generated region replaced; and the names of the regions whose text changed."""
+    changed = []
+
+    def replace(match):
+        name = match.group("name")
+        if name not in generated:
+            raise SystemExit(f"benchmarks/README.md: region {name!r} is not one this script generates")
+        if match.group("body") != generated[name]:
+            changed.append(name)
+        return match.group(1) + generated[name] + match.group(4)
+
+    return REGION.sub(replace, text), changed
+
+
+def missing_regions(text: str, generated: dict[str, str]) -> list[str]:
+    found = {m.group("name") for m in REGION.finditer(text)}
+    return sorted(set(generated) - found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region differs from the raw rows")
+    parser.add_argument("--readme", default=str(README))
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    generated = regions()
+    text, changed = rewrite(path.read_text(), generated)
+    missing = missing_regions(text, generated)
+    if args.check:
+        for name in changed:
+            print(f"{path}: region {name} differs from what the raw rows give (run python benchmarks/tables.py)")
+        for name in missing:
+            print(f"{path}: region {name} is missing")
+        return 1 if changed or missing else 0
+    path.write_text(text)
+    print(f"rewrote {len(changed)} region(s): {', '.join(changed) or 'none'}; missing: {', '.join(missing) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

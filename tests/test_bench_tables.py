@@ -1,0 +1,60 @@
+"""benchmarks/README.md's results tables are generated from the committed raw rows: regenerating them changes
+nothing, and a hand-typed figure in a generated region is caught. No training: reads benchmarks/results/ only."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_tables"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def generated(tables):
+    return tables.regions()
+
+
+def test_the_readme_tables_are_what_the_raw_rows_give(tables, generated):
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    _, changed = tables.rewrite(text, generated)
+    assert changed == [], f"regenerate with `python benchmarks/tables.py`: {changed}"
+    assert tables.missing_regions(text, generated) == []
+
+
+def test_a_hand_typed_figure_in_a_generated_table_fails(tables, generated):
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    edited = text.replace("| 0.767 ± 0.249 |", "| 0.771 ± 0.254 |", 1)  # issue 26: the README's hand-typed trait figure
+    assert edited != text
+    assert tables.rewrite(edited, generated)[1] == ["dis2booth-equal-updates-2.1-rows"]
+
+
+def test_rows_of_two_days_or_devices_are_never_paired(tables, generated):
+    """The equal-updates file holds Dis²Booth rows of 2026-12-05 beside DreamBooth-LoRA rows of 2026-12-06; the 11-27
+    Dis²Booth suite ran Dis²Booth on the CPU and DreamBooth-LoRA on the H200: no verdict pairs them."""
+    decided = tables.all_comparisons()
+    by_text = {(name, claim.text): decided[(name, i)] for t in tables.TABLES for i, claim in enumerate(t.claims)
+               for name in [t.name]}
+    cross_day = by_text[("dis2booth-equal-updates-2.1", "Dis²Booth beats DreamBooth-LoRA, 1,000 updates each (keeps the common trait)")]
+    assert cross_day["verdict"] == "not paired: rows of 2026-12-05 CPU and 2026-12-06 CPU" and cross_day["p_holm"] is None
+    cross_device = by_text[("dis2booth-2.1", "closer to the category than DreamBooth-LoRA")]
+    assert cross_device["verdict"].startswith("not paired")
+    same_day = by_text[("dis2booth-equal-updates-2.1", "DreamBooth-LoRA: 1,000 beats 120 updates (keeps the common trait)")]
+    assert (same_day["wins"], same_day["p"], same_day["verdict"]) == (3, 0.25, "inside noise")  # 3 concepts: at best 0.25
+
+
+def test_every_verdict_in_the_tables_follows_the_concept_level_rule(tables):
+    """Holm runs over a paper's pairable claims; with 3 concepts nothing is held or reversed."""
+    decided = tables.all_comparisons().values()
+    assert all(c["verdict"] not in ("held", "reversed") for c in decided)
+    batex = [c for c in decided if tables.PAPER_OF_SUITE[c["suite"]] == "BaTex"]
+    assert {c["family_size"] for c in batex} == {len(batex)}
