@@ -82,6 +82,15 @@ TABLES = [
               Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
               Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
               Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]),
+    # issue 26: the same claims on the 12 bench concepts (world.BENCH_CONCEPTS), then the rows of each group
+    Table("batex-12-concepts", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS, [
+        Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
+        Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
+        Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]),
+    Table("batex-12-held-out", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
+          only={"held_out": True}),
+    Table("batex-12-nameable", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
+          only={"held_out": False}),
     Table("batex-init-word-2.1", ["toy-2026-11-27/init-word.json"], "init-word",
           ["textual-inversion", "batex"], ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"], [
               Claim("BaTex beats TI with a less related init word", "Tables 6 / 7: BaTex image 0.88 → 0.88; TI 0.89 → 0.86",

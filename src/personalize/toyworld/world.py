@@ -13,8 +13,8 @@ grid of white dots of period 8 px. A small object is 20 px across, so even it ca
 Held-out concepts (`HELD_OUT`): colour-shape-pattern combinations that are rendered during base-model training
 but never captioned as a whole (at least one of their three attributes is always dropped from their captions,
 in one- and two-object scenes alike), so the base model can draw them but no prompt names them — what
-personalization must learn. Varied categories (`CATEGORIES`) share one trait and vary in the others, for
-Dis²Booth.
+personalization must learn. The bench's concepts (`BENCH_CONCEPTS`) are these three and nine nameable ones.
+Varied categories (`CATEGORIES`) share one or two traits and vary in the others, for Dis²Booth.
 """
 
 from __future__ import annotations
@@ -49,10 +49,31 @@ HELD_OUT = (  # (colour, shape, pattern): drawn in training, never named as a wh
     ("blue", "star", "striped"),
     ("green", "triangle", "dotted"),
 )
-CATEGORIES = {  # Dis²Booth's varied sets: the common trait is fixed, the rest varies
-    "striped-squares": {"shape": "square", "pattern": "striped"},
+# The personalization bench's concepts (`personalize bench`, `--concepts N` takes the first N), in two groups,
+# because users' real concepts are of both kinds and a method may do well on one and not the other:
+# - the 3 held-out concepts first (same order: the committed raw rows' concepts 0-2): the base model can draw them
+#   but no prompt names them, so a method must learn from images what no words say;
+# - then 9 nameable ones, combinations captioned whole in training (the base model draws them from their full
+#   description), spread so that with the held-out three every colour and every shape appears twice and every
+#   pattern 3-5 times: a claim on 12 concepts is not a claim about one colour or one shape.
+BENCH_CONCEPTS = HELD_OUT + (  # (colour, shape, pattern)
+    ("red", "square", "striped"),
+    ("yellow", "circle", "dotted"),
+    ("purple", "cross", "plain"),
+    ("green", "heart", "striped"),
+    ("blue", "triangle", "plain"),
+    ("orange", "star", "dotted"),
+    ("red", "cross", "dotted"),
+    ("yellow", "square", "plain"),
+    ("purple", "circle", "striped"),
+)
+CATEGORIES = {  # Dis²Booth's varied sets: the common trait (one or two) is fixed, the rest varies
+    "striped-squares": {"shape": "square", "pattern": "striped"},  # the first three: the committed rows' categories
     "red-things": {"colour": "red"},
     "stars-on-black": {"shape": "star", "background": "black"},
+    "dotted-circles": {"shape": "circle", "pattern": "dotted"},  # then one more of each kind of common trait
+    "blue-things": {"colour": "blue"},
+    "crosses-on-gray": {"shape": "cross", "background": "gray"},
 }
 
 

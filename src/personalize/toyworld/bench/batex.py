@@ -1,4 +1,5 @@
-"""BaTex's claims in miniature (Tables 2, 4-7): Textual Inversion vs BaTex on the held-out concepts.
+"""BaTex's claims in miniature (Tables 2, 4-7): Textual Inversion vs BaTex on the bench concepts (`world.BENCH_CONCEPTS`:
+the held-out ones first, then nameable ones; each row's `held_out` says which).
 
 - `embeddings`: image alignment ("a S": all three traits drawn) and text alignment (the six edits of
   `common.edit_list` obeyed) of TI and BaTex, measured along training (`CURVE_POINTS` checkpoints of one run,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..world import HELD_OUT, SHAPES
+from ..world import BENCH_CONCEPTS, HELD_OUT, SHAPES
 from .common import (LOG, TOKEN, BenchConfig, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding, method_rate,
                      render_set, run_seeds, run_slug, select_runs, steps_to_reach, train_run)
 
@@ -35,17 +36,21 @@ def _runs(variant: str, init: str, dim: int):
 def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embeddings") -> list[dict]:
     rows = []
     steps = 300 if cfg.steps is None else cfg.steps
-    points = [round(steps * (i + 1) / CURVE_POINTS) for i in range(CURVE_POINTS)] if variant == "embeddings" else [steps]
+    points = ([round(steps * (i + 1) / CURVE_POINTS) for i in range(CURVE_POINTS)] if variant == "embeddings" and cfg.curve
+              else [steps])
     dim = load_model(cfg).embedding_dims[0]
-    for _, concept in chosen_concepts(cfg, HELD_OUT):
+    for _, concept in chosen_concepts(cfg, BENCH_CONCEPTS):
         traits, name = concept_traits(concept), concept_name(concept_traits(concept))
+        held_out = concept in HELD_OUT
         references = render_set(work / name / "images", 5, seed=1, **traits)
         init = traits["shape"] if variant != "init-word" else next(s for s in SHAPES if s not in (traits["shape"], "circle"))
         if variant == "embeddings":
             base = load_model(cfg)
             for label, subject in (("base: full description", f"{traits['colour']} {traits['pattern']} {traits['shape']}"),
                                    ("base: init word only", traits["shape"])):
-                rows.append({"suite": variant, "method": label, "concept": name, "seed": 0,
+                if cfg.methods and label not in cfg.methods:
+                    continue
+                rows.append({"suite": variant, "method": label, "concept": name, "held_out": held_out, "seed": 0,
                              **measure_embedding(cfg, base, judge, subject, traits, references)})
         for label, method, method_cfg in select_runs(cfg, variant, _runs(variant, init, dim)):
             for seed in run_seeds(cfg):
@@ -58,7 +63,7 @@ def suite_embeddings(cfg: BenchConfig, judge, work: Path, variant: str = "embedd
                     curve[point] = measure_embedding(cfg, load_model(cfg, [out]), judge, TOKEN, traits, references,
                                                      grid if point == points[-1] else None)
                 final = curve[points[-1]]
-                rows.append({"suite": variant, "method": label, "concept": name, "seed": seed, "init_word": init,
+                rows.append({"suite": variant, "method": label, "concept": name, "held_out": held_out, "seed": seed, "init_word": init,
                              "train_seconds": seconds, **final,
                              "curve": {str(p): {k: v[k] for k in ("image_alignment", "text_alignment")} for p, v in curve.items()}})
                 LOG.info("%s", {k: v for k, v in rows[-1].items() if k != "curve"})

@@ -20,7 +20,7 @@ from ...evaluate import toy as T
 from ...evaluate.esr import editing_success_rate
 from ...evaluate.protocols import TOY_ESR
 from ..judge import pair_shows
-from ..world import HELD_OUT
+from ..world import BENCH_CONCEPTS, HELD_OUT
 from .common import (LOG, BenchConfig, Sampler, TI_LORA_LR, chosen_concepts, concept_name, concept_traits, load_model, measure_embedding,
                      method_rate, render_set, run_seeds, run_slug, save_grid, select_runs, subject_of, train_run)
 
@@ -72,7 +72,7 @@ def _runs(cfg: BenchConfig, traits: dict, token: str, work: Path) -> list[tuple]
 
 def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     sample, rows, runs_of = Sampler(cfg), [], {}
-    for index, concept in chosen_concepts(cfg, HELD_OUT):
+    for index, concept in chosen_concepts(cfg, BENCH_CONCEPTS):
         traits, name = concept_traits(concept), concept_name(concept_traits(concept))
         token = f"<c{index}>"  # a token per concept: two concepts trained apart meet in one prompt below
         folder = work / name / "single"
@@ -92,7 +92,8 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                                           Path(cfg.output) / "grids" / f"singleinsert-{name}-{out.name}.png", images)
                 readings = judge.predict(images)
                 esr_images = {p.template: sample(backbone, p.template.format(subject), cfg.edit_samples) for p in TOY_ESR}
-                row = {"suite": "singleinsert", "method": label, "concept": name, "seed": seed, "train_seconds": seconds,
+                row = {"suite": "singleinsert", "method": label, "concept": name, "held_out": concept in HELD_OUT, "seed": seed,
+                       "train_seconds": seconds,
                        "foreground_alignment": T.concept_rate(readings, traits),
                        "feature_similarity": T.feature_similarity(judge, images, source),
                        "background_leakage": T.background_leakage(readings, SOURCE_BACKGROUND),
