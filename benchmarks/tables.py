@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 from personalize.toyworld.bench import stats  # noqa: E402
 from personalize.toyworld.bench.common import saturated  # noqa: E402
 
@@ -286,8 +287,11 @@ def at_a_glance(decided: dict) -> str:
 
 def regions() -> dict[str, str]:
     """Every generated region's text, by name."""
+    import peers  # benchmarks/peers.py: its per-run table, from its own raw rows
+
     decided = all_comparisons()
-    out = {"claims-at-a-glance-2.1": at_a_glance(decided)}
+    out = {"claims-at-a-glance-2.1": at_a_glance(decided),
+           "peers-2026-12-07": peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07"))}
     for table in TABLES:
         rows = _table_rows(table)
         if table.rows:

@@ -84,7 +84,31 @@ def test_shipped_components_are_the_ones_model_index_names():
         index = json.loads((folder / "model_index.json").read_text())
         named = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
         shipped = {p.name for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"}
-        assert shipped == named - {"safety_checker"}, name  # SD 1.5's safety checker is named but never loaded
+        assert shipped == named, name  # every component model_index.json names is shipped (none named but absent)
+
+
+@pytest.mark.parametrize("name", list(architectures.ARCHITECTURES))
+def test_the_built_folder_loads_in_plain_diffusers(name, tmp_path):
+    """`DiffusionPipeline.from_pretrained(folder)` with no arguments, as a user of plain diffusers would call it, on
+    the shipped model_index.json, scheduler, tokenizer and feature-extractor configs with the networks' configs
+    swapped for a tiny model's (same classes, KB instead of GiB), built by the same `build_folder`."""
+    from diffusers import DiffusionPipeline
+
+    configs = tmp_path / "configs"
+    shutil.copytree(config_folder(f"random:{name}"), configs)
+    tiny = tmp_path / "tiny"
+    build_tiny_pipeline("tiny-xl" if name == "sdxl" else "tiny").save_pretrained(tiny)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if (configs / component).is_dir():
+            shutil.copyfile(tiny / component / "config.json", configs / component / "config.json")
+    build_folder(configs, tmp_path / "built")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "built")
+    index = json.loads((configs / "model_index.json").read_text())
+    assert type(pipe).__name__ == index["_class_name"]
+    for component, entry in index.items():
+        if isinstance(entry, list):
+            assert (getattr(pipe, component) is None) == (entry[0] is None), component
+    assert list(pipe.unet.config.block_out_channels) == list(json.loads((tiny / "unet" / "config.json").read_text())["block_out_channels"])
 
 
 def test_unknown_random_model_names_the_shipped_ones():

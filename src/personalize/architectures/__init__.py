@@ -25,8 +25,9 @@ shipped configs, the seed and the builder's version, so a changed config builds 
 deleted).
 
 Differences from the downloaded folders, none on the loading path: the weights (random, fp16 under the default
-file names, no `.fp16` variants), and SD 1.5's `safety_checker/` folder, which is not built — model_index.json
-names it as the real one does, and personalize always loads with `safety_checker=None`.
+file names, no `.fp16` variants), and SD 1.5's safety checker, which is not shipped: its model_index.json names
+`"safety_checker": [null, null]` with `requires_safety_checker: false` (as SD 2.1's and many published checkpoints
+do), so plain `DiffusionPipeline.from_pretrained(folder)` loads every folder without arguments.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def build_folder(configs: Path, folder: Path, *, seed: int = SEED, dtype: torch.
         if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
         if not (configs / component).is_dir():
-            continue  # named but not shipped (SD 1.5's safety checker): never loaded by personalize
+            continue  # named but not shipped: the shipped folders have none (a test checks)
         library, class_name = entry
         if class_name.startswith("CLIPTokenizer"):
             for name in ("vocab.json", "merges.txt"):
