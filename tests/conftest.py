@@ -48,3 +48,15 @@ def dreambench_folder(path: Path = DREAMBENCH) -> Path:
 @pytest.fixture
 def dreambench():
     return dreambench_folder()
+
+
+def load_benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (the benchmark scripts are files, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,18 @@
 """benchmarks/README.md's results tables are generated from the committed raw rows: regenerating them changes
 nothing, and a hand-typed figure in a generated region is caught. No training: reads benchmarks/results/ only."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tables"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("tables")
 
 
 @pytest.fixture(scope="module")

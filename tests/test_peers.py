@@ -1,23 +1,16 @@
 """benchmarks/peers.py without training: the patches a peer gets, the command it runs, and the report's tables and
 paired verdicts from synthetic rows."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import load_benchmark_script
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("peers")
 
 
 SOURCE = 'imagenet_templates_small = [\n    "a photo of a {}",\n]\n\n\nclass TextualInversionDataset(Dataset):\n    pass\n'
