@@ -47,6 +47,14 @@ def browser():
         chromium.close()
 
 
+def wait_for_file(page, path: Path, seconds: float = 10.0) -> None:
+    """Let the page's event reach the server and the file appear (up to `seconds`); the caller asserts on it."""
+    for _ in range(int(seconds * 4)):
+        if path.is_file():
+            return
+        page.wait_for_timeout(250)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,10 +148,7 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
     page.locator("textarea[data-caption='000.png']").fill("a blue striped star")
     page.locator("textarea[data-caption='000.png']").blur()
     caption = workspace / "uploads" / "star" / "000.txt"
-    for _ in range(40):
-        if caption.is_file():
-            break
-        page.wait_for_timeout(250)
+    wait_for_file(page, caption)
     assert caption.read_text() == "a blue striped star\n"
     page.screenshot(path=shots / "2-images.png", full_page=True)
 
@@ -220,10 +225,7 @@ def test_images_in_concept_out_in_a_real_browser(ui_url, browser, shots, tmp_pat
     assert bubble["y"] >= toggle["y"] + toggle["height"], "the brush-size bubble covers the paint/erase toggle"
     page.locator("#save-mask").click()
     mask = workspace / "uploads" / "star" / "000.mask.png"
-    for _ in range(40):
-        if mask.is_file():
-            break
-        page.wait_for_timeout(250)
+    wait_for_file(page, mask)
     page.screenshot(path=shots / "7-mask.png")
     assert mask.is_file(), "the drawn mask was not saved"
 
