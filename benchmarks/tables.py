@@ -1,6 +1,6 @@
 """The results tables of benchmarks/README.md, generated from the committed raw rows (benchmarks/results/).
 
-    python benchmarks/tables.py            # rewrite every generated region of benchmarks/README.md
+    python benchmarks/tables.py            # rewrite every generated region of benchmarks/README.md and README.md
     python benchmarks/tables.py --check    # exit 1 and name the regions that differ (tests/test_bench_tables.py)
 
 A generated region sits between `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`; everything
@@ -33,6 +33,7 @@ from personalize.toyworld.bench import stats  # noqa: E402
 from personalize.toyworld.bench.common import saturated  # noqa: E402
 
 README = HERE / "README.md"
+PROJECT_README = HERE.parent / "README.md"  # its "against the alternatives" table is generated too
 RESULTS = HERE / "results"
 # Rows a file holds that were measured on another day (its "note" says so).
 DAY_OF_ROWS = {("toy-2026-12-06/distribution-equal-updates.json", "dis2booth"): "2026-12-05",
@@ -288,10 +289,22 @@ def at_a_glance(decided: dict) -> str:
 def regions() -> dict[str, str]:
     """Every generated region's text, by name."""
     import peers  # benchmarks/peers.py: its per-run table, from its own raw rows
+    import rounding  # benchmarks/rounding.py and sensitivity.py: their tables, from their raw rows
+    import sensitivity
 
     decided = all_comparisons()
     out = {"claims-at-a-glance-2.1": at_a_glance(decided),
-           "peers-2026-12-07": peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07"))}
+           "peers-2026-12-07": peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", "diffusers-ti")),
+           "peers-dreambooth-lora-2026-12-07": peers.per_run_table(
+               peers.read_rows(RESULTS / "peers-2026-12-07", "diffusers-dreambooth-lora")),
+           "peers-batex-2026-12-07": peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", "batex-official")),
+           "peers-kohya-2026-12-07": "\n\n".join(peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", pair))
+                                                   for pair in ("kohya-ti", "kohya-lora")),
+           "peers-verdicts-2026-12-07": peers.verdict_table(peers.read_rows(RESULTS / "peers-2026-12-07")),
+           "rounding-2026-12-07": rounding.tables(RESULTS / "rounding-2026-12-07"),
+           "sensitivity-2026-12-07": sensitivity.table(RESULTS / "sensitivity-2026-12-07"),
+           "peers-speed-2026-12-07": peers.speed_table(peers.read_speed(RESULTS / "peers-2026-12-07")),
+           "against-the-alternatives": peers.alternatives_table(RESULTS / "peers-2026-12-07", "benchmarks/README.md#peers-peerspy")}
     for table in TABLES:
         rows = _table_rows(table)
         if table.rows:
@@ -313,7 +326,7 @@ def rewrite(text: str, generated: dict[str, str]) -> tuple[str, list[str]]:
     def replace(match):
         name = match.group("name")
         if name not in generated:
-            raise SystemExit(f"benchmarks/README.md: region {name!r} is not one this script generates")
+            raise SystemExit(f"region {name!r} is not one this script generates")
         if match.group("body") != generated[name]:
             changed.append(name)
         return match.group(1) + generated[name] + match.group(4)
@@ -329,19 +342,21 @@ def missing_regions(text: str, generated: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region differs from the raw rows")
-    parser.add_argument("--readme", default=str(README))
+    parser.add_argument("--readme", action="append", help="the files holding regions (default: benchmarks/README.md, README.md)")
     args = parser.parse_args(argv)
-    path = Path(args.readme)
+    paths = [Path(p) for p in args.readme or (README, PROJECT_README)]
     generated = regions()
-    text, changed = rewrite(path.read_text(), generated)
-    missing = missing_regions(text, generated)
+    texts = {path: rewrite(path.read_text(), generated) for path in paths}
+    missing = missing_regions("".join(text for text, _ in texts.values()), generated)
+    changed = [f"{path}: {name}" for path, (_, names) in texts.items() for name in names]
     if args.check:
         for name in changed:
-            print(f"{path}: region {name} differs from what the raw rows give (run python benchmarks/tables.py)")
+            print(f"region {name} differs from what the raw rows give (run python benchmarks/tables.py)")
         for name in missing:
-            print(f"{path}: region {name} is missing")
+            print(f"region {name} is missing")
         return 1 if changed or missing else 0
-    path.write_text(text)
+    for path, (text, _) in texts.items():
+        path.write_text(text)
     print(f"rewrote {len(changed)} region(s): {', '.join(changed) or 'none'}; missing: {', '.join(missing) or 'none'}")
     return 0
 

@@ -383,6 +383,19 @@ def test_a_bare_tensor_pt_is_read_as_one_embedding(tmp_path, content):
     assert load_embedding_file(path)[0] == "<odd>"  # without a token: named after the file
 
 
+def test_a_file_of_several_tensors_loads_the_one_the_token_names(tmp_path):
+    """The official BaTex code saves its vector beside its weights and basis ({"<concept>": [d], "weight_vector": ...,
+    "candidate_embedding_matrix": ..., "vocab_ids": ...}): passing the token picks it; without one it is refused."""
+    path = tmp_path / "learned_embeds.bin"
+    concept = torch.randn(32)
+    torch.save({"<concept>": concept, "weight_vector": torch.randn(8, 1), "candidate_embedding_matrix": torch.randn(8, 32),
+                "vocab_ids": torch.arange(8)}, path)
+    token, (vectors,) = load_embedding_file(path, token="<concept>")
+    assert token == "<concept>" and torch.equal(vectors, concept.reshape(1, 32))
+    with pytest.raises(PersonalizeError, match="the token you pass"):
+        load_embedding_file(path)
+
+
 def test_a_pickle_that_is_no_embedding_is_refused_naming_it(tmp_path):
     path = tmp_path / "odd.pt"
     torch.save([1, 2, 3], path)
@@ -429,3 +442,33 @@ def test_two_installed_concepts_both_act_and_match_diffusers(tmp_path):
     plain.load_textual_inversion(str(tmp_path / "a"))
     plain.load_textual_inversion(str(tmp_path / "b"))
     np.testing.assert_allclose(out_both, _sample(plain, prompt), atol=1e-5, rtol=0)
+
+
+def test_the_toy_models_text_encoder_loads_whole_on_every_supported_transformers():
+    """The shipped toy text encoder is stored as published checkpoints are (`text_model.` keys): transformers 4
+    (CI's oldest-versions leg runs this file) silently re-initialised the layout transformers 5 writes."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from personalize.architectures import text_encoder_state_for
+    from personalize.toyworld import TOY_MODEL_DIR
+
+    stored = load_file(str(TOY_MODEL_DIR / "text_encoder" / "model.safetensors"))
+    model = CLIPTextModel.from_pretrained(TOY_MODEL_DIR / "text_encoder")
+    own = model.state_dict()
+    mapped = text_encoder_state_for(model, stored)
+    assert own.keys() == mapped.keys()
+    assert all(torch.equal(own[k].to(v.dtype), v) for k, v in mapped.items())
+
+
+def test_the_toy_model_loads_in_plain_diffusers_on_every_supported_stack():
+    """The tokenizer folder ships vocab.json and merges.txt as published SD folders do: transformers 4's
+    CLIPTokenizer (what model_index.json names) cannot be built from tokenizer.json alone."""
+    from diffusers import StableDiffusionPipeline
+
+    from personalize.toyworld import TOY_MODEL_DIR
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)
+    assert pipe.tokenizer("a blue striped star on a pink background, top").input_ids == [
+        49406, 320, 1746, 22192, 1565, 525, 320, 3360, 5994, 267, 1253, 49407]
+    assert pipe.tokenizer("a photo of sks dog").input_ids == [49406, 320, 1125, 539, 48136, 1929, 49407]

@@ -354,3 +354,31 @@ def test_generate_loads_run_folders_with_per_concept_scales(tmp_path):
     assert not torch.equal(only_a, base) and not torch.equal(both, only_a) and not torch.equal(both, only_b)
     with pytest.raises(Exception, match="neither"):
         install_concept(load_backbone("tiny"), tmp_path)
+
+
+def test_a_lora_in_diffusers_pre_peft_layout_loads_as_a_file_and_acts(tmp_path):
+    """diffusers 0.20-era scripts (SingleInsert's official code among them) save attention-processor LoRAs
+    (`….processor.to_q_lora.down.weight`): `install_concept` recognises the file as a LoRA and it changes the output."""
+    from safetensors.torch import save_file
+
+    from personalize.generate import generate_images, install_concept
+
+    unet = load_backbone("tiny").unet
+    gen, state = torch.Generator().manual_seed(0), {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            for proj in ("to_q", "to_k", "to_v"):
+                layer = getattr(module, proj)
+                state[f"unet.{name}.processor.{proj}_lora.down.weight"] = torch.randn(2, layer.in_features, generator=gen) * 0.3
+                state[f"unet.{name}.processor.{proj}_lora.up.weight"] = torch.randn(layer.out_features, 2, generator=gen) * 0.3
+    assert state
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path))
+
+    def image(with_lora: bool):
+        backbone = load_backbone("tiny")
+        if with_lora:
+            assert install_concept(backbone, path).startswith("LoRA")
+        return torch.tensor(__import__("numpy").asarray(generate_images(backbone, ["a cat"], [0], steps=2)[0]), dtype=torch.float)
+
+    assert not torch.equal(image(True), image(False))

@@ -13,6 +13,11 @@ def peers():
     return load_benchmark_script("peers")
 
 
+def flag(argv: list[str], name: str) -> str:
+    """The value after `name` in a command line."""
+    return argv[argv.index(name) + 1]
+
+
 SOURCE = 'imagenet_templates_small = [\n    "a photo of a {}",\n]\n\n\nclass TextualInversionDataset(Dataset):\n    pass\n'
 
 
@@ -31,10 +36,7 @@ def test_both_sides_train_with_equal_settings(peers):
     run = {"model": "M", "images": "I", "output": "O", "token": "<concept>", "init_word": "star", "resolution": 64,
            "batch": 4, "steps": 300, "lr": 0.005, "seed": 2}
     theirs = peers.DiffusersTI().command("py", Path("s.py"), run)
-    ours = peers.our_command(run, ["--weight-decay", "0.01"])
-
-    def flag(argv, name):
-        return argv[argv.index(name) + 1]
+    ours = peers.our_command(peers.DiffusersTI(), run, ["--weight-decay", "0.01"])
 
     for mine, their in (("--resolution", "--resolution"), ("--batch-size", "--train_batch_size"), ("--steps", "--max_train_steps"),
                         ("--lr", "--learning_rate"), ("--seed", "--seed"), ("--init-word", "--initializer_token"),
@@ -61,3 +63,176 @@ def test_report_tables_and_verdicts_from_rows(peers, tmp_path):
     assert len(claims) == 1  # hypothesis rows (--ours-args) are tabulated, never a claim
     assert "| 3 (6+6) | 3-0-0 | +0.1 [+0.1, +0.1] | 0.25 |" in claims[0] and claims[0].endswith("inside noise |")
     assert "- `toy-templates`: W" in md
+
+
+def test_dreambooth_lora_sides_train_on_one_prompt_with_equal_settings(peers):
+    run = {"model": "M", "images": "I", "output": "O", "token": "<concept>", "init_word": "star", "resolution": 64,
+           "batch": 4, "steps": 300, "lr": 3e-4, "seed": 1}
+    adapter = peers.DiffusersDreamBoothLora()
+    theirs, ours = adapter.command("py", Path("s.py"), run), peers.our_command(adapter, run, [])
+
+    for mine, their in (("--resolution", "--resolution"), ("--batch-size", "--train_batch_size"), ("--steps", "--max_train_steps"),
+                        ("--lr", "--learning_rate"), ("--seed", "--seed"), ("--rank", "--rank"),
+                        ("--instance-prompt", "--instance_prompt"), ("--mixed-precision", "--mixed_precision")):
+        assert flag(ours, mine) == flag(theirs, their), mine
+    assert flag(ours, "--method") == "dreambooth-lora" and flag(ours, "--class-word") == "star"
+    assert flag(theirs, "--instance_prompt") == "a sks star" == f"a {adapter.subject(run)}"  # the judge's prompts name it so
+    assert "--scale_lr" in theirs and "--with_prior_preservation" not in theirs and "--validation_prompt" not in theirs
+
+
+@pytest.mark.parametrize("names", [(".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."), (".lora_down.", ".lora_up.")],
+                         ids=["peft", "diffusers-old", "kohya"])
+def test_lora_delta_norm_is_the_norm_of_every_update_together(peers, tmp_path, names):
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    down1, up1 = torch.randn(4, 8, generator=gen), torch.randn(6, 4, generator=gen)
+    down2, up2 = torch.randn(2, 3, 1, 1, generator=gen), torch.randn(5, 2, 1, 1, generator=gen)  # a 1x1 conv
+    a, b = names
+    state = {f"unet.x{a}weight": down1, f"unet.x{b}weight": up1, f"unet.y{a}weight": down2, f"unet.y{b}weight": up2,
+             "unet.y.alpha": torch.tensor(1.0)}  # alpha 1 at rank 2: scale 0.5
+    save_file(state, str(tmp_path / "l.safetensors"))
+    expected = torch.cat([(up1 @ down1).flatten(), (0.5 * up2.flatten(1) @ down2.flatten(1)).flatten()]).norm()
+    assert peers.lora_delta_norm(tmp_path / "l.safetensors") == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_each_peer_is_judged_against_its_own_counterpart(peers, tmp_path):
+    rows = []
+    for method, pair, rate in ((peers.OURS, None, 0.9), ("diffusers-ti", None, 0.8),  # TI rows from before `pair`
+                               ("personalize dreambooth-lora", "diffusers-dreambooth-lora", 0.6),
+                               ("diffusers-dreambooth-lora", "diffusers-dreambooth-lora", 0.7)):
+        for concept in ("a", "b", "c"):
+            row = {"suite": "peers", "method": method, "concept": concept, "seed": 0, "image_alignment": rate,
+                   "keeps_background": rate, "edit_keeps_concept": rate, "text_alignment": 1.0, "edit_background": 1.0,
+                   "seconds_per_step": 0.2, "wall_seconds": 70.0, "peak_rss_mib": 600.0,
+                   **({"pair": pair, "lora_delta_norm": 1.5} if pair else {"vector_norm": 3.0})}
+            rows.append(row)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["method"] for r in peers.read_rows(tmp_path, "diffusers-ti")] == [peers.OURS] * 3 + ["diffusers-ti"] * 3
+    md = peers.report(tmp_path)
+    claims = [line for line in md.splitlines() if " on image_alignment |" in line]
+    assert [c.split(" on ")[0] for c in claims] == ["| personalize textual-inversion > diffusers-ti",
+                                                     "| personalize dreambooth-lora > diffusers-dreambooth-lora"]
+    assert "+0.1 [+0.1, +0.1]" in claims[0] and "-0.1 [-0.1, -0.1]" in claims[1]
+    assert "| a | 0 | 0.60 / 0.60 / 0.200 / 1.50 | 0.70 / 0.70 / 0.200 / 1.50 |" in md  # ‖ΔW‖ for LoRA rows
+    assert "diffusers-dreambooth-lora: a S / black bg / s/step / ‖ΔW‖" in md
+
+
+def test_speed_subtracts_start_up_and_takes_medians_over_repeats(peers):
+    rows = []
+    for method, side, start, per_step in (("personalize dreambooth-lora", "ours", 30.0, 2.0),
+                                          ("diffusers-dreambooth-lora", "diffusers-dreambooth-lora", 10.0, 3.0)):
+        for repeat, noise in enumerate((0.0, 6.0, 0.3)):  # one repeat's long run hit a busy moment
+            for steps in (12, 4):
+                rows.append({"method": method, "side": side, "pair": "diffusers-dreambooth-lora", "repeat": repeat,
+                             "steps": steps, "wall_seconds": start + per_step * steps + (noise if steps == 12 else 0),
+                             "cpu_seconds": start + per_step * steps, "peak_rss_mib": 2048.0})
+    table = peers.speed_table(rows)
+    assert "| personalize dreambooth-lora | 3 | 2.04 [2.00, 2.75] | 2.00 | 1.00 | 2.00 |" in table
+    assert "| diffusers-dreambooth-lora | 3 | 3.04 [3.00, 3.75] | 3.00 | 1.49 | 2.00 |" in table
+
+
+@pytest.mark.parametrize("name", ["kohya-ti", "kohya-lora"])
+def test_kohya_trains_on_what_ours_trains_on(peers, tmp_path, name):
+    """kohya takes its data from a TOML and has no --scale_lr: the caption, resolution, batch and the rate times the
+    batch must come out equal to ours; its tokenizer comes from the model folder, never the hub."""
+    model = tmp_path / "model"
+    (model / "tokenizer").mkdir(parents=True)
+    (model / "tokenizer" / "vocab.json").write_text("{}")
+    run = {"model": str(model), "images": str(tmp_path / "images"), "output": str(tmp_path / "out"), "token": "<concept>",
+           "init_word": "star", "resolution": 64, "batch": 4, "steps": 300, "lr": 5e-3, "seed": 2}
+    (tmp_path / "out").mkdir()
+    adapter = peers.ADAPTERS[name]
+    theirs, ours = adapter.command("py", Path("s.py"), run), peers.our_command(adapter, run, [])
+
+    def flag(argv, key):
+        return argv[argv.index(key) + 1]
+
+    assert float(flag(theirs, "--learning_rate")) == pytest.approx(5e-3 * 4) and flag(ours, "--lr") == "0.005"
+    assert flag(theirs, "--max_train_steps") == flag(ours, "--steps") and flag(theirs, "--seed") == flag(ours, "--seed")
+    toml = Path(flag(theirs, "--dataset_config")).read_text()
+    caption = "a <concept>" if name == "kohya-ti" else flag(ours, "--instance-prompt")
+    assert f'class_tokens = "{caption}"' in toml and "resolution = 64" in toml and "batch_size = 4" in toml
+    assert f'image_dir = "{run["images"]}"' in toml and "enable_bucket = false" in toml
+    cache = Path(flag(theirs, "--tokenizer_cache_dir")) / "openai_clip-vit-large-patch14" / "vocab.json"
+    assert cache.read_text() == "{}"  # the model's own tokenizer, where kohya looks before the hub
+    if name == "kohya-lora":
+        assert flag(theirs, "--network_dim") == flag(ours, "--rank") == flag(theirs, "--network_alpha")
+        assert "--network_train_unet_only" in theirs and flag(ours, "--method") == "dreambooth-lora"
+    else:
+        assert flag(theirs, "--token_string") == flag(ours, "--token") and flag(theirs, "--init_word") == flag(ours, "--init-word")
+
+
+def test_patches_go_to_a_copy_of_the_checkout_and_a_changed_peer_is_refused(peers, tmp_path):
+    adapter = peers.ADAPTERS["kohya-lora"]
+    checkout = tmp_path / "sd-scripts"
+    (checkout / "library").mkdir(parents=True)
+    patches = adapter.patches()
+    sources = {}
+    for patch in patches:
+        file = checkout / (patch.file or "train_network.py")
+        sources[file] = sources.get(file, "import x\n") + patch.old + "# after\n"
+    for file, text in sources.items():
+        file.write_text(text)
+    script = peers.patched_copy(adapter, checkout / "train_network.py", tmp_path / "copy")
+    assert all(file.read_text() == text for file, text in sources.items())  # the checkout is untouched
+    patched = (script.parent / "library" / "train_util.py").read_text()
+    assert "keeping diffusers' U-Net" in patched and 'hasattr(unet, "set_use_sdpa")' in patched
+    assert "scaling_factor" in script.read_text()
+    (checkout / "library" / "train_util.py").write_text("changed upstream\n")
+    with pytest.raises(SystemExit, match="keep-diffusers-unet"):
+        peers.patched_copy(adapter, checkout / "train_network.py", tmp_path / "copy2")
+
+
+def test_the_official_batex_runs_at_batch_1_with_equal_images_per_update_and_its_file_loads(peers, tmp_path):
+    """Its placeholder position is wrong at batch > 1, so it runs as its paper's script does: batch 1 × B accumulation
+    steps, --scale_lr by both = our batch B scaled by B; the same M and distance on both sides; its learned_embeds.bin
+    (the vector beside its weights and basis) is read by our loader under the run's token."""
+    import torch
+
+    run = {"model": "M", "images": "I", "output": "O", "token": "<concept>", "init_word": "star", "resolution": 64,
+           "batch": 4, "steps": 300, "lr": 7e-3, "seed": 2}
+    adapter = peers.BatexOfficial()
+    theirs, ours = adapter.command("py", Path("s.py"), run), peers.our_command(adapter, run, [])
+
+    assert flag(theirs, "--train_batch_size") == "1" and flag(theirs, "--gradient_accumulation_steps") == flag(ours, "--batch-size") == "4"
+    assert "--scale_lr" in theirs and flag(theirs, "--learning_rate") == flag(ours, "--lr")
+    assert flag(theirs, "--mask_k") == flag(ours, "--basis-size") and flag(theirs, "--dist_type") == "Vector_dot"
+    assert flag(ours, "--distance") == "dot" and flag(ours, "--method") == "batex"
+    assert "--test_score" not in theirs  # under it the script never saves the embedding
+    vector = torch.randn(128)
+    torch.save({"<concept>": vector, "weight_vector": torch.randn(96, 1), "candidate_embedding_matrix": torch.randn(96, 128),
+                "vocab_ids": torch.arange(96)}, tmp_path / "learned_embeds.bin")
+    assert adapter.artefact(tmp_path, run) == {"vector_norm": round(float(vector.norm()), 3)}
+
+
+def test_one_run_of_ours_serves_every_peer_of_its_method_at_the_same_settings(peers, tmp_path):
+    rows = []
+    for method, pair, rate, lr in ((peers.OURS, "diffusers-ti", 0.9, 0.005), ("diffusers-ti", "diffusers-ti", 0.8, 0.005),
+                                   ("kohya-ti", "kohya-ti", 0.7, 0.005), (peers.OURS + " [--x]", "kohya-ti", 0.6, 0.005),
+                                   (peers.OURS, "diffusers-ti", 0.5, 0.001)):  # another rate: no partner of kohya's
+        for concept in ("a", "b", "c"):
+            rows.append({"suite": "peers", "method": method, "pair": pair, "concept": concept, "seed": 0, "steps": 300,
+                         "batch": 4, "lr": lr, "resolution": 64, "image_alignment": rate, "keeps_background": rate,
+                         "edit_keeps_concept": rate, "text_alignment": 1.0, "seconds_per_step": 0.2, "peak_rss_mib": 600.0,
+                         "vector_norm": 3.0})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kohya = peers.read_rows(tmp_path, "kohya-ti")
+    assert [(r["method"], r["lr"]) for r in kohya] == [(peers.OURS, 0.005)] * 3 + [("kohya-ti", 0.005)] * 3 + [(peers.OURS + " [--x]", 0.005)] * 3
+    claims = [line for line in peers.verdict_table(peers.read_rows(tmp_path)).splitlines() if " on image_alignment |" in line]
+    assert [c.split(" on ")[0] for c in claims] == ["| personalize textual-inversion > diffusers-ti",
+                                                     "| personalize textual-inversion > kohya-ti"]
+
+
+def test_the_readme_summary_counts_each_sides_runs_and_says_what_was_not_run(peers, tmp_path):
+    rows = [{"suite": "peers", "method": m, "pair": "kohya-ti", "concept": c, "seed": s, "steps": 300, "batch": 4,
+             "lr": 0.005, "resolution": 64, "image_alignment": v, "keeps_background": v, "edit_keeps_concept": v,
+             "text_alignment": 1.0, "seconds_per_step": 0.2, "peak_rss_mib": 600.0, "vector_norm": 3.0}
+            for m, v, seeds in ((peers.OURS, 0.9, (0, 1, 2)), ("kohya-ti", 0.8, (0, 1))) for c in "abc" for s in seeds]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = {line.split(" | ")[0].strip("| "): line for line in peers.alternatives_table(tmp_path, "L").splitlines()[2:]}
+    kohya = lines[peers.SOURCE_NAMES["kohya-ti"]]
+    assert "[0.90 vs 0.80](L) (3 concepts, 9 + 6 runs: inside noise)" in kohya and "not measured" in kohya
+    assert "not run on the toy model" in lines[peers.SOURCE_NAMES["diffusers-ti"]]
+    assert set(lines) == {peers.SOURCE_NAMES[name] for name in peers.ADAPTERS}  # every peer has its line

@@ -149,6 +149,23 @@ def test_built_folder_loads_and_the_same_seed_writes_the_same_bytes(tiny_xl_conf
     assert torch.isfinite(out).all() and out.abs().mean() > 0
 
 
+def test_text_encoders_are_written_as_published_checkpoints_and_load_whole(tiny_xl_configs, tmp_path):
+    """Keys under `text_model.` (but the projection), as in the published SD/SDXL folders: transformers 4 — our
+    oldest supported version, and kohya's stack — loads only that layout and silently re-initialises any other."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    build_folder(tiny_xl_configs, tmp_path / "a")
+    for component, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        stored = load_file(str(tmp_path / "a" / component / "model.safetensors"))
+        assert all(k.startswith(("text_model.", "text_projection.")) for k in stored), component
+        loaded = architectures.text_encoder_state_for(cls.from_pretrained(tmp_path / "a" / component), stored)
+        model = cls.from_pretrained(tmp_path / "a" / component).state_dict()
+        assert all(torch.equal(model[loaded_key].to(stored[k].dtype), stored[k])
+                   for k, loaded_key in zip(stored, loaded)), component  # every weight from the file, none fresh
+    assert "text_projection.weight" in load_file(str(tmp_path / "a" / "text_encoder_2" / "model.safetensors"))
+
+
 def test_streamed_safetensors_read_back_exactly(tmp_path):
     tensors = {"b.weight": torch.randn(3, 5), "a.bias": torch.randn(7), "c": torch.randn(2, 1, 3, 3)}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -153,6 +153,31 @@ def test_exported_ema_weights_equal_the_recursion_by_hand(tmp_path, monkeypatch)
     torch.testing.assert_close(load_file(str(last / "trainable.safetensors"))[key], live[-1][key])  # resumes the live ones
 
 
+@pytest.mark.parametrize("method", ["textual-inversion", "dreambooth-lora"])
+def test_max_grad_norm_clips_what_each_update_applies_and_off_leaves_it(tmp_path, monkeypatch, method):
+    """--max-grad-norm (diffusers'/kohya's --max_grad_norm): the gradient every optimiser step sees has at most that
+    norm; without it the same run's gradients are larger (nothing is clipped by default)."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    extra = ["--method", method, *(["--class-word", "cat"] if method == "dreambooth-lora" else [])]
+    args = ti_args(EXAMPLE_IMAGES, tmp_path / "free", "--steps", 3, *extra)
+    if method == "dreambooth-lora":
+        args.remove("--init-word"), args.remove("cat")
+    run(args)
+    free, seen[:] = list(seen), []
+    run([*(a if a != tmp_path / "free" else tmp_path / "clipped" for a in args), "--max-grad-norm", 1e-4])
+    assert len(free) == len(seen) == 3
+    assert min(free) > 1e-3  # so the clip below had something to do
+    assert max(seen) <= 1e-4 * (1 + 1e-4)
+
+
 def test_resume_stays_bit_identical_with_every_feature_on(tmp_path, monkeypatch):
     images = masked_folder(tmp_path / "img")
     args = ["--steps", 6, "--checkpointing-steps", 2, "--noise-offset", 0.1, "--snr-gamma", 5, "--masked-loss",

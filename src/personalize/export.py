@@ -198,7 +198,10 @@ def load_embedding_file(path: str | Path, token: str | None = None) -> tuple[str
     if len(data) == 1:
         (key, value), = data.items()
         return token or key, [_as_matrix(value)]
-    raise PersonalizeError(f"{path} holds {sorted(data)[:5]}, not an embedding (expected one tensor, clip_l/clip_g, or string_to_param)")
+    if token in data:  # several tensors, one named by the token (e.g. the official BaTex code's learned_embeds.bin)
+        return token, [_as_matrix(data[token])]
+    raise PersonalizeError(f"{path} holds {sorted(data)[:5]}, not an embedding (expected one tensor, clip_l/clip_g, "
+                           "string_to_param, or the tensor of the token you pass)")
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,12 @@ def install_concept(backbone, path: str | Path, token: str | None = None, lora_s
     return ", ".join(loaded)
 
 
+# The down-projection's name in every LoRA layout diffusers' load_lora_weights reads: PEFT (`lora_A`), kohya
+# (`lora_down`), and diffusers' own before PEFT (`to_q_lora.down` in attention processors, `lora_linear_layer.down` in
+# text encoders: what diffusers 0.20-era scripts such as SingleInsert's official code save).
+LORA_DOWN_NAMES = ("lora_A", "lora_down", "_lora.down", "lora_linear_layer.down", ".lora.down")
+
+
 def is_lora_file(path: Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
@@ -65,7 +71,7 @@ def is_lora_file(path: Path) -> bool:
 
     try:
         with safe_open(str(path), "pt") as f:
-            return any("lora_A" in k or "lora_down" in k for k in f.keys())
+            return any(name in k for k in f.keys() for name in LORA_DOWN_NAMES)
     except Exception:  # noqa: BLE001 - not readable as safetensors: let the embedding reader name the problem
         return False
 

@@ -85,6 +85,10 @@ class TrainConfig:
     num_validation_images: int = field(default=2, metadata={"help": "preview images per prompt (seeds seed, seed+1, ...)"})
     inference_steps: int | None = field(default=None, metadata={"help": "sampler steps of previews (default: the model's recommended, else 30)"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance of previews (default: the model's recommended, else 7.5)"})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "clip the norm of the gradients each update applies to this (diffusers' and kohya's --max_grad_norm, "
+                "default 1.0 there; 0: no clipping, this project's default, with which every benchmark ran)",
+        "aliases": ["--max_grad_norm"]})
     noise_offset: float = field(default=0.0, metadata={"help": "offset noise: + offset·N(0,1) per image and channel (kohya/diffusers --noise_offset)", "aliases": ["--noise_offset"]})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-γ loss weighting, ε and v prediction (diffusers --snr_gamma; kohya --min_snr_gamma); 5 is usual", "aliases": ["--snr_gamma", "--min_snr_gamma"]})
     masked_loss: bool = field(default=False, metadata={"help": "weight the denoising loss by NAME.mask.png (kohya --masked_loss, OneTrainer's masked training)", "aliases": ["--masked_loss"]})
@@ -161,7 +165,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     prompts = cfg.validation_prompts or method.validation_prompts()
     step_log = StepLog(output, start) if main else None
     progress = tqdm(total=steps, initial=start, desc=f"{cfg.method}", disable=not main, dynamic_ncols=True)
-    loop = Loop(accelerator, state, groups, batch_sizes, cache, class_cache, loss_options(cfg), output, steps)
+    loop = Loop(accelerator, state, groups, batch_sizes, cache, class_cache, loss_options(cfg), output, steps,
+                cfg.max_grad_norm)
     logs: dict[str, float] = {}  # a sub-step that does not run this step keeps its last value in the log
     with StopOnSignal() as stop:
         for step in range(start, steps):
@@ -210,6 +215,7 @@ class Loop:
     loss_options: LossOptions
     output: Path
     steps: int
+    max_grad_norm: float = 0.0
 
     def step(self, step: int, logs: dict[str, float]) -> None:
         """One training step: each sub-step of the method's schedule draws a batch, takes its loss and steps the
@@ -232,6 +238,9 @@ class Loop:
                 _stop_non_finite(self.output, step, self.steps, "a gradient became inf/NaN")  # before any weight changes
             for group in stepped:
                 _average_gradients(self.accelerator, optimizers[group])
+            if self.max_grad_norm:  # after averaging, so every process clips the same gradient (as diffusers' scripts)
+                torch.nn.utils.clip_grad_norm_([p for g in stepped for p in self.groups[g]], self.max_grad_norm)
+            for group in stepped:
                 optimizers[group].step()
             for optimizer in optimizers.values():  # no gradient may leak into another group's next sub-step
                 optimizer.zero_grad(set_to_none=True)
@@ -401,7 +410,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise PersonalizeError(f"--lr {cfg.lr}: must be positive; a rate of 0 trains nothing (leave --lr out for "
                                f"the method's own rate)")
     for name, minimum in (("steps", 0), ("batch_size", 1), ("resolution", 8), ("checkpointing_steps", 1),
-                          ("noise_offset", 0), ("unmasked_weight", 0), ("ema_decay", 0), ("lr_warmup_steps", 0)):
+                          ("noise_offset", 0), ("unmasked_weight", 0), ("ema_decay", 0), ("lr_warmup_steps", 0),
+                          ("max_grad_norm", 0)):
         value = getattr(cfg, name)
         if value is not None and value < minimum:
             raise PersonalizeError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")

@@ -57,7 +57,8 @@ ARCHITECTURES = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 SEED = 0
-BUILDER_VERSION = 1  # bump when the weights this module writes change for the same configs and seed
+BUILDER_VERSION = 2  # bump when the files this module writes change for the same configs and seed (2: text encoders
+#                      in the published key layout, `text_model.` included)
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
@@ -153,8 +154,40 @@ def _write_random_weights(cls, library: str, folder: Path, *, seed: int, dtype: 
     from transformers.utils import SAFE_WEIGHTS_NAME
 
     shapes = {k: tuple(v.shape) for k, v in _empty_model(cls, library, folder).state_dict().items()}
+    if cls.__name__.startswith("CLIPTextModel"):  # written as the published checkpoints are, seeded by the bare name
+        shapes = {published_text_encoder_key(k): shape for k, shape in shapes.items()}
     name = SAFETENSORS_WEIGHTS_NAME if library == "diffusers" else SAFE_WEIGHTS_NAME
-    write_safetensors(folder / name, shapes, lambda key: random_tensor(key, shapes[key], seed).to(dtype), dtype)
+    write_safetensors(folder / name, shapes,
+                      lambda key: random_tensor(key.removeprefix(TEXT_MODEL), shapes[key], seed).to(dtype), dtype)
+
+
+TEXT_MODEL = "text_model."
+
+
+def published_text_encoder_key(key: str) -> str:
+    """A CLIP text encoder's weight name as the published checkpoints (SD 1.x/2.x `text_encoder`, SDXL's two) store it:
+    `text_model.` before everything but the projection. transformers 5 names its parameters without that level and
+    reads both layouts; transformers 4 (our oldest supported version, and the stack kohya's sd-scripts pins) reads
+    only this one and silently re-initialises a text encoder saved without it. So every text encoder we write uses it."""
+    return key if key.startswith((TEXT_MODEL, "text_projection.")) else TEXT_MODEL + key
+
+
+def text_encoder_state_for(module: torch.nn.Module, state: dict) -> dict:
+    """`state` (either layout) under the names `module` has in the installed transformers."""
+    own = module.state_dict().keys()
+    return {k if k in own else k.removeprefix(TEXT_MODEL) if k.removeprefix(TEXT_MODEL) in own else TEXT_MODEL + k: v
+            for k, v in state.items()}
+
+
+def save_text_encoder_published(folder: Path) -> None:
+    """Rewrite `folder/model.safetensors` (as transformers' save_pretrained wrote it) in the published layout, atomically."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = load_file(str(file))
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({published_text_encoder_key(k): v for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(file)
 
 
 def random_tensor(key: str, shape: tuple, seed: int) -> torch.Tensor:

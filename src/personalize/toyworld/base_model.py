@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..architectures import save_text_encoder_published, text_encoder_state_for
 from ..backbone import SETTINGS_FILE  # the model folder's own settings: sampler, training templates
 from ..errors import PersonalizeError
 from ..tiny import clip_tokenizer
@@ -395,6 +396,8 @@ def _load_weights(folder: Path, unet, text_encoder) -> None:
         if not file.exists():
             raise PersonalizeError(f"--init-from {folder}: no {file.relative_to(folder)}")
         state = {k: v.float() for k, v in load_file(file).items()}
+        if module is text_encoder:
+            state = text_encoder_state_for(module, state)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise PersonalizeError(f"--init-from {folder}: {file.name} does not fit this architecture "
@@ -409,6 +412,7 @@ def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet, scheduler, s
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(output, safe_serialization=True)
+    save_text_encoder_published(output / "text_encoder")  # loadable by transformers 4 too
     config_file = output / "text_encoder" / "config.json"
     config = json.loads(config_file.read_text())
     config.update({"dtype": "float32", "torch_dtype": "float32"})
