@@ -40,8 +40,10 @@ Peers and how each plugs in (an adapter = patches + a command line + where the a
 - `batex-official`: the BaTex paper's own `textual_inversion_regression.py` in its era's venv (transformers 4.27,
   diffusers 0.17), against our `batex`: batch 1 × B gradient-accumulation steps (its placeholder lookup is wrong at
   batch > 1), `Vector_dot`, the same M; one patch, the toy templates (`BatexOfficial`).
-- SingleInsert's official code (diffusers 0.20 with a replaced `modeling_clip.py`): no adapter;
-  benchmarks/README.md says what runs and what blocks.
+- `singleinsert-official`: the SingleInsert paper's own `train.py` in its era's venv (diffusers 0.20, transformers 4.39
+  with the repository's `modeling_clip.py` in place of transformers' own, as its README says), against our
+  `singleinsert`: one render and its mask on a pink background, the paper's schedule on both sides (Stage I 50 × batch
+  16, Stage II 100 × batch 4, 1e-4 then half); the judge adds background leakage (`SingleInsertOfficial`).
 
 `--speed MODEL` (no judge): seconds per step at real size, start-up subtracted, repeats interleaved; `--report` adds
 its table. `alternatives_table` is the README's summary (benchmarks/tables.py writes it).
@@ -328,16 +330,114 @@ class BatexOfficial(DiffusersTI):
         return folder / "learned_embeds.bin"
 
 
+class SingleInsertOfficial:
+    """The SingleInsert paper's own `train.py` (JarrentWu1031/SingleInsert, diffusers 0.20 / transformers 4.39, whose
+    `modeling_clip.py` its README replaces with the repository's own so that the text encoder takes `inputs_embeds`),
+    against our `singleinsert`, each at the paper's schedule: Stage I 50 iterations at batch 16 (the image encoder
+    alone), Stage II 100 at batch 4 (+ rank-4 LoRA on the UNet and the text encoder), rate 1e-4 then half. One
+    render with its exact mask on a pink background (the bench's `singleinsert` suite's source), the class word its
+    shape; both train on "<concept> <shape>" and are judged on it. Its image encoder is CLIP's ViT-B/32 architecture
+    from scratch (its code loads no weights), ours the default small CNN: each side as a user runs it. Two patches:
+    the encoder's output width (hard-coded 768, SD 1.5's text width) and the mask's size (hard-coded 64: 512 px
+    through SD's 8× VAE)."""
+
+    name = "singleinsert-official"
+    ours = "personalize singleinsert"
+    our_method = "singleinsert"
+    default_lr = 1e-4  # Stage I (the paper's and both codes' default); Stage II at half, both sides
+    stages = (50, 16), (100, 4)  # (iterations, batch) of Stage I and II: the paper's
+    source_background = "pink"  # the source image's background: "a S" drawn on it is leakage (lower is better)
+    copies_checkout = True  # train.py imports its model.py
+
+    def patches(self) -> list[Patch]:
+        return [Patch("encoder-width", "the image encoder's output is the placeholder's vector: hard-coded to SD 1.5's "
+                                       "text width 768; the text encoder's own width instead (128 on the toy model)",
+                      "output_dim=768 # v1-5",
+                      "output_dim=text_encoder.config.hidden_size  # personalize peers patch: the model's text width"),
+                Patch("mask-size", "the mask is resized to a hard-coded 64, the latent size of 512 px through SD's 8× VAE; "
+                                   "the toy model's VAE downsamples 4×, so the latent is resolution / 4",
+                      "transforms.Resize(64),",
+                      "transforms.Resize(size // 4),  # personalize peers patch: the toy VAE's latent size")]
+
+    def training_set(self, folder: Path, traits: dict) -> tuple[Path, list]:
+        """One render (and its mask, NAME.mask.png beside it, as ours reads it; its code reads the mask of the same
+        file name from another folder)."""
+        import shutil
+
+        from personalize.toyworld.bench.common import render_set
+
+        images = folder / "single"
+        references = render_set(images, 1, seed=2, masks=True, background=self.source_background, size="large",
+                                position="center", **traits)
+        (folder / "masks").mkdir(exist_ok=True)
+        shutil.copyfile(images / "000.mask.png", folder / "masks" / "000.png")
+        return images, references
+
+    def command(self, python: str, script: Path, run: dict) -> list[str]:
+        (s1, b1), (s2, b2) = self.stages
+        return [python, str(script), "--pretrained_model_name_or_path", run["model"],
+                "--instance_image_dir", run["images"], "--instance_mask_dir", str(Path(run["images"]).parent / "masks"),
+                "--instance_name", "000.png", "--class_name", run["init_word"], "--placeholder_token", run["token"],
+                "--resolution", str(run["resolution"]), "--s1_train_batch_size", str(b1), "--s2_train_batch_size", str(b2),
+                "--s1_train_steps", str(s1), "--s2_train_steps", str(s2), "--s1_learning_rate", str(run["lr"]),
+                "--s2_learning_rate", str(run["lr"] / 2), "--rank", "4", "--seed", str(run["seed"]),
+                "--output_dir", run["output"], "--mixed_precision", "no", "--checkpointing_steps", str(10**9),
+                "--report_to", "tensorboard"]
+
+    def settings(self) -> dict:
+        (s1, b1), (s2, b2) = self.stages
+        return {"steps": s1 + s2, "batch": f"{b1}/{b2}"}
+
+    def batch_args(self, run: dict) -> list[str]:
+        (_, b1), (_, b2) = self.stages
+        return ["--stage1-batch-size", str(b1), "--stage2-batch-size", str(b2)]
+
+    def our_args(self, run: dict) -> list[str]:
+        (s1, _), (s2, _) = self.stages
+        return ["--token", run["token"], "--class-word", run["init_word"], "--stage1-steps", str(s1),
+                "--stage2-steps", str(s2), "--stage2-lr", str(run["lr"] / 2)]
+
+    def subject(self, run: dict) -> str:
+        return f"{run['token']} {run['init_word']}"
+
+    def our_artefact(self, folder: Path, run: dict) -> dict:
+        return {"vector_norm": vector_norm(folder, run["token"]), "lora_delta_norm": lora_delta_norm(folder / "pytorch_lora_weights.safetensors")}
+
+    def artefact(self, folder: Path, run: dict) -> dict:
+        from personalize.export import load_embedding_file
+
+        vector = load_embedding_file(folder / "learned_embeds.bin", run["token"])[1][0]
+        return {"vector_norm": round(float(vector.norm()), 3),
+                "lora_delta_norm": lora_delta_norm(folder / "pytorch_lora_weights.safetensors")}
+
+    def artefact_files(self, folder: Path) -> list[Path]:
+        """torch.save'd {token: [d]} and the LoRA in diffusers' pre-PEFT layout (UNet attention processors, text
+        encoder `lora_linear_layer`s): our loader reads both."""
+        return [folder / "learned_embeds.bin", folder / "pytorch_lora_weights.safetensors"]
+
+
+def training_set(adapter, folder: Path, traits: dict) -> tuple[Path, list]:
+    """The images a pair trains on (both sides) and the references the judge compares with: the `embeddings`
+    suite's five renders, or the adapter's own (`training_set`)."""
+    from personalize.toyworld.bench.common import render_set
+
+    if hasattr(adapter, "training_set"):
+        return adapter.training_set(folder, traits)
+    images = folder / "images"
+    return images, render_set(images, 5, seed=1, **traits)
+
+
 def trained_model(cfg, adapter, side: str, out: Path, run: dict):
     """The toy model with a run's artefact installed: our run folder or diffusers' output folder (our loader reads both
     as they are), or the one file a kohya run writes (its TI vector installed under the run's token)."""
     from personalize.generate import install_concept
     from personalize.toyworld.bench.common import load_model
 
-    if side == "ours" or not hasattr(adapter, "artefact_file"):
+    if side == "ours" or not hasattr(adapter, "artefact_file") and not hasattr(adapter, "artefact_files"):
         return load_model(cfg, [out])
     model = load_model(cfg)
-    install_concept(model, adapter.artefact_file(out), token=run["token"])
+    for file in adapter.artefact_files(out) if hasattr(adapter, "artefact_files") else [adapter.artefact_file(out)]:
+        install_concept(model, file, token=run["token"])
     return model
 
 
@@ -359,7 +459,8 @@ def patched_copy(adapter, script: Path, folder: Path) -> Path:
 
 
 DREAMBOOTH_TOKEN = "sks"  # the DreamBooth paper's rare word, both sides
-ADAPTERS = {a.name: a for a in (DiffusersTI(), KohyaTI(), DiffusersDreamBoothLora(), KohyaLora(), BatexOfficial())}
+ADAPTERS = {a.name: a for a in (DiffusersTI(), KohyaTI(), DiffusersDreamBoothLora(), KohyaLora(), BatexOfficial(),
+                                 SingleInsertOfficial())}
 
 
 def our_command(adapter, run: dict, extra: list[str], python: str = sys.executable) -> list[str]:
@@ -367,7 +468,7 @@ def our_command(adapter, run: dict, extra: list[str], python: str = sys.executab
             "train", "--method", adapter.our_method, "--model", run.get("our_model", "toy"), "--images", run["images"],
             "--output", run["output"],
             *adapter.our_args(run), "--resolution", str(run["resolution"]),
-            "--batch-size", str(run["batch"]), "--steps", str(run["steps"]), "--lr", str(run["lr"]), "--seed", str(run["seed"]),
+            *(adapter.batch_args(run) if hasattr(adapter, "batch_args") else ["--batch-size", str(run["batch"])]), "--steps", str(run["steps"]), "--lr", str(run["lr"]), "--seed", str(run["seed"]),
             "--mixed-precision", "no", "--num-validation-images", "0", "--checkpointing-steps", str(10**9),
             "--overwrite", *extra]
 
@@ -404,13 +505,14 @@ def vector_norm(folder: Path, token: str) -> float:
 
 def lora_delta_norm(path: Path) -> float:
     """Frobenius norm of all the LoRA's weight updates together, sqrt(Σ ‖(α/r)·B·A‖²), from a diffusers/PEFT file
-    (`….lora_A.weight` / `….lora_B.weight`, `….lora.down.weight` / `….lora.up.weight`) or a kohya file
-    (`….lora_down.weight` / `….lora_up.weight`, `….alpha`)."""
+    (`….lora_A.weight` / `….lora_B.weight`, `….lora.down.weight` / `….lora.up.weight`; before PEFT `…_lora.down.weight`,
+    `…lora_linear_layer.down.weight`) or a kohya file (`….lora_down.weight` / `….lora_up.weight`, `….alpha`)."""
     from safetensors.torch import load_file
 
     state, total = load_file(str(path)), 0.0
     for key, down in state.items():
-        for a, b in ((".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."), (".lora_down.", ".lora_up.")):
+        for a, b in ((".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."), (".lora_down.", ".lora_up."),
+                     ("_lora.down.", "_lora.up."), ("lora_linear_layer.down.", "lora_linear_layer.up.")):
             if a in key:
                 up = state[key.replace(a, b)].float()
                 alpha = state.get(key.split(a)[0] + ".alpha")
@@ -460,7 +562,8 @@ def main(argv=None) -> int:
         return 0
 
     from personalize.toyworld import TOY_MODEL_DIR
-    from personalize.toyworld.bench.common import BenchConfig, concept_name, concept_traits, measure_embedding, render_set
+    from personalize.evaluate.toy import background_leakage
+    from personalize.toyworld.bench.common import BenchConfig, concept_name, concept_traits, measure_embedding
     from personalize.toyworld.judge import ToyJudge
     from personalize.toyworld.world import HELD_OUT
 
@@ -501,8 +604,6 @@ def main(argv=None) -> int:
     judge = ToyJudge.load()
     for seed, concept in [(s, c) for s in range(args.seeds) for c in HELD_OUT[: args.concepts]]:  # seed-major: every
         traits, cname = concept_traits(concept), concept_name(concept_traits(concept))  # concept early, for the sign test
-        images = work / cname / "images"
-        references = render_set(images, 5, seed=1, **traits)  # the embeddings suite's training set
         sides = [(adapter, side, label) for adapter in map(ADAPTERS.get, peers)
                  for side, label in (("ours", adapter.ours + (f" [{args.ours_args}]" if extra else "")), (adapter.name, adapter.name))
                  if not args.only or side in args.only]
@@ -511,17 +612,22 @@ def main(argv=None) -> int:
                 continue
             out = work / cname / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{seed}"
             out.mkdir(parents=True, exist_ok=True)
+            images, references = training_set(adapter, work / cname, traits)
             run = {"model": str(TOY_MODEL_DIR), "images": str(images), "output": str(out), "token": "<concept>",
                    "init_word": traits["shape"], "resolution": args.resolution, "batch": args.batch,
-                   "steps": args.steps, "lr": args.lr or adapter.default_lr, "seed": seed}
+                   "steps": args.steps, "lr": args.lr or adapter.default_lr, "seed": seed,
+                   **(adapter.settings() if hasattr(adapter, "settings") else {})}  # a method's own schedule
             if side == "ours":
                 argv, record = our_command(adapter, run, extra, args.ours_python), {"ours_args": args.ours_args}
             else:
                 argv, record = adapter.command(records[side]["python"], scripts[side], run), records[side]
-            cost = run_process(argv, out.parent / f"{out.name}.log", args.steps)
+            cost = run_process(argv, out.parent / f"{out.name}.log", run["steps"])
+            plain = []  # the "a S" images
             measured = {} if args.timing_only else measure_embedding(
                 cfg, trained_model(cfg, adapter, side, out, run), judge, adapter.subject(run), traits, references,
-                grid=out / "a_concept.png")
+                grid=out / "a_concept.png", plain=plain)
+            if plain and getattr(adapter, "source_background", None):
+                measured["background_leakage"] = background_leakage(judge.predict(plain), adapter.source_background)
             row = {"suite": "peers", "method": label, "side": side, "pair": adapter.name, "concept": cname, "seed": seed,
                    **{k: v for k, v in run.items() if k in ("steps", "batch", "lr", "resolution", "init_word")},
                    "subject": adapter.subject(run), "precision": "fp32", "device": "cpu", **cost,
@@ -610,7 +716,8 @@ SOURCE_NAMES = {"diffusers-ti": "diffusers `examples/textual_inversion/textual_i
                 "kohya-ti": "kohya sd-scripts `train_textual_inversion.py`",
                 "diffusers-dreambooth-lora": "diffusers `examples/dreambooth/train_dreambooth_lora.py`",
                 "kohya-lora": "kohya sd-scripts `train_network.py` (LoRA)",
-                "batex-official": "the BaTex paper's code (`textual_inversion_regression.py`)"}
+                "batex-official": "the BaTex paper's code (`textual_inversion_regression.py`)",
+                "singleinsert-official": "the SingleInsert paper's code (`train.py`)"}
 
 
 def alternatives_table(output: Path, link: str) -> str:
@@ -656,6 +763,8 @@ def pair_claims(rows: list[dict]) -> list[tuple]:
         if {ours, pair} <= methods:
             claims += [("peers", metric, ours, pair, True) for metric in METRICS]
             claims += [("peers", metric, ours, pair, False) for metric in COSTS]
+            if getattr(ADAPTERS[pair], "source_background", None):  # a single-image method: leakage, lower is better
+                claims.append(("peers", "background_leakage", ours, pair, False))
     return claims
 
 
@@ -724,7 +833,7 @@ def report(output: Path) -> str:
     from personalize.toyworld.bench.common import summarise
 
     lines = [f"# peers ({output.name})"]
-    keep = ("image_alignment", "keeps_background", "edit_background", "text_alignment", "edit_keeps_concept",
+    keep = ("image_alignment", "keeps_background", "edit_background", "text_alignment", "edit_keeps_concept", "background_leakage",
             "seconds_per_step", "wall_seconds", "peak_rss_mib", "vector_norm", "lora_delta_norm")
     all_rows = read_rows(output)
     for pair in dict.fromkeys(map(pair_of, all_rows)):

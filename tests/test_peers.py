@@ -236,3 +236,41 @@ def test_the_readme_summary_counts_each_sides_runs_and_says_what_was_not_run(pee
     assert "[0.90 vs 0.80](L) (3 concepts, 9 + 6 runs: inside noise)" in kohya and "not measured" in kohya
     assert "not run on the toy model" in lines[peers.SOURCE_NAMES["diffusers-ti"]]
     assert set(lines) == {peers.SOURCE_NAMES[name] for name in peers.ADAPTERS}  # every peer has its line
+
+
+def test_the_official_singleinsert_trains_on_the_papers_schedule_on_one_render_and_its_files_load(peers, tmp_path):
+    """Both sides: the paper's two stages (50 × batch 16 on the encoder, 100 × batch 4 with LoRA, 1e-4 then half) on one
+    render with its mask, the class word its shape and "<concept> <shape>" the subject judged; its code reads the mask
+    of the image's name from a folder of masks; its two files (a torch.save'd vector and a LoRA in diffusers'
+    pre-PEFT layout) install under the run's token, and the LoRA's size reads in that layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = peers.SingleInsertOfficial()
+    images, references = peers.training_set(adapter, tmp_path, {"colour": "blue", "shape": "star", "pattern": "striped"})
+    assert len(references) == 1 and (images / "000.mask.png").is_file()
+    assert (tmp_path / "masks" / "000.png").read_bytes() == (images / "000.mask.png").read_bytes()
+    run = {"model": "M", "images": str(images), "output": "O", "token": "<concept>", "init_word": "star", "resolution": 64,
+           "batch": 4, "steps": 300, "lr": 1e-4, "seed": 2, **adapter.settings()}
+    theirs, ours = adapter.command("py", Path("s.py"), run), peers.our_command(adapter, run, [])
+
+    assert run["steps"] == 150 == int(flag(theirs, "--s1_train_steps")) + int(flag(theirs, "--s2_train_steps")) == int(flag(ours, "--steps"))
+    for mine, their in (("--stage1-steps", "--s1_train_steps"), ("--stage2-steps", "--s2_train_steps"),
+                        ("--stage1-batch-size", "--s1_train_batch_size"), ("--stage2-batch-size", "--s2_train_batch_size"),
+                        ("--lr", "--s1_learning_rate"), ("--stage2-lr", "--s2_learning_rate"), ("--class-word", "--class_name"),
+                        ("--token", "--placeholder_token"), ("--seed", "--seed"), ("--resolution", "--resolution")):
+        assert flag(ours, mine) == flag(theirs, their), mine
+    assert "--batch-size" not in ours and flag(theirs, "--instance_mask_dir") == str(tmp_path / "masks")
+    assert adapter.subject(run) == "<concept> star"
+
+    vector, gen = torch.randn(128), torch.Generator().manual_seed(0)
+    torch.save({"<concept>": vector}, tmp_path / "learned_embeds.bin")
+    down, up = torch.randn(4, 8, generator=gen), torch.randn(8, 4, generator=gen)
+    save_file({"unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
+               "unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up,
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down.clone(),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up.clone()},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))
+    expected = round(float(2 * (up @ down).square().sum()) ** 0.5, 4)
+    assert adapter.artefact(tmp_path, run) == {"vector_norm": round(float(vector.norm()), 3), "lora_delta_norm": expected}
+    assert [p.name for p in adapter.artefact_files(tmp_path)] == ["learned_embeds.bin", "pytorch_lora_weights.safetensors"]
