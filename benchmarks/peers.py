@@ -361,17 +361,28 @@ class SingleInsertOfficial:
 
     def training_set(self, folder: Path, traits: dict) -> tuple[Path, list]:
         """One render (and its mask, NAME.mask.png beside it, as ours reads it; its code reads the mask of the same
-        file name from another folder)."""
+        file name from another folder). Written once: its code re-reads the files every step, and two processes
+        (`--only`) share the folder."""
         import shutil
+
+        from PIL import Image
 
         from personalize.toyworld.bench.common import render_set
 
         images = folder / "single"
-        references = render_set(images, 1, seed=2, masks=True, background=self.source_background, size="large",
-                                position="center", **traits)
-        (folder / "masks").mkdir(exist_ok=True)
-        shutil.copyfile(images / "000.mask.png", folder / "masks" / "000.png")
-        return images, references
+        if not images.is_dir():
+            scratch = folder / f"render.{os.getpid()}"
+            render_set(scratch / "single", 1, seed=2, masks=True, background=self.source_background, size="large",
+                       position="center", **traits)
+            (scratch / "masks").mkdir()
+            shutil.copyfile(scratch / "single" / "000.mask.png", scratch / "masks" / "000.png")
+            try:  # renames are atomic: masks first, so a `single` folder always has its masks beside it
+                (scratch / "masks").rename(folder / "masks")
+                (scratch / "single").rename(images)
+            except OSError:  # the other process was first; its files are the same render
+                pass
+            shutil.rmtree(scratch)
+        return images, [Image.open(images / "000.png").convert("RGB")]
 
     def command(self, python: str, script: Path, run: dict) -> list[str]:
         (s1, b1), (s2, b2) = self.stages
