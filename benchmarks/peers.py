@@ -22,7 +22,8 @@ Usage (the issue-25 table; ~1 min per run of ours, ~1.5-2 min per peer run on th
     python benchmarks/peers.py --report benchmarks/results/peers-DATE      # tables + verdicts from rows.jsonl
 
 Runs append to OUTPUT/rows.jsonl as they finish (a row already there is not run again), so two processes
-(`--only ours`, `--only diffusers-ti`) can fill one folder side by side; `--report` writes OUTPUT/peers.md.
+(`--only ours`, `--only diffusers-ti`) can fill one folder side by side, and several of one side share its runs (each
+run is claimed first: `claim`); `--report` writes OUTPUT/peers.md.
 
 Peers and how each plugs in (an adapter = patches + a command line + where the artefact lands):
 
@@ -484,6 +485,26 @@ def our_command(adapter, run: dict, extra: list[str], python: str = sys.executab
             "--overwrite", *extra]
 
 
+def claim(out: Path) -> bool:
+    """Take run `out` for this process (OUT.claim holds its pid): False while a live process holds it, so several
+    processes of one side (`--only NAME`, each with OMP_NUM_THREADS=1) share a row's runs. A dead holder's claim is
+    taken over."""
+    file = out.parent / f"{out.name}.claim"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(file.read_text() or 0), 0)
+            return False  # its holder is alive
+        except (ProcessLookupError, ValueError):
+            file.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def run_process(argv: list[str], log: Path, steps: int) -> dict:
     """Run one training process; its wall time, the loop's seconds per step (from its progress bar) and peak RSS."""
     start = time.monotonic()
@@ -619,9 +640,9 @@ def main(argv=None) -> int:
                  for side, label in (("ours", adapter.ours + (f" [{args.ours_args}]" if extra else "")), (adapter.name, adapter.name))
                  if not args.only or side in args.only]
         for adapter, side, label in sides:
-            if (label, cname, seed) in done_keys(rows_file):
-                continue
             out = work / cname / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{seed}"
+            if (label, cname, seed) in done_keys(rows_file) or not claim(out):
+                continue  # done, or another process of the same side runs it
             out.mkdir(parents=True, exist_ok=True)
             images, references = training_set(adapter, work / cname, traits)
             run = {"model": str(TOY_MODEL_DIR), "images": str(images), "output": str(out), "token": "<concept>",
@@ -646,6 +667,7 @@ def main(argv=None) -> int:
                    "command": argv[3:] if side == "ours" else argv[1:]}
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            (out.parent / f"{out.name}.claim").unlink()
             print(json.dumps({k: row.get(k) for k in ("method", "concept", "seed", "image_alignment", "keeps_background",
                                                       "text_alignment", "seconds_per_step", "cpu_seconds", "vector_norm",
                                                       "lora_delta_norm")}),
@@ -825,7 +847,9 @@ def per_run_table(rows: list[dict]) -> str:
     README."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     norms = {m: _norm(next(r for r in rows if r["method"] == m))[0] for m in methods}
-    lines = ["| concept | seed | " + " | ".join(f"{m}: a S / black bg / s/step / {norms[m]}" for m in methods) + " |",
+    leak = all("background_leakage" in r for r in rows)  # a single-image pair: "a S" on the source's background
+    lines = ["| concept | seed | " + " | ".join(f"{m}: a S / black bg /{' leakage /' if leak else ''} s/step / {norms[m]}"
+                                             for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for concept in dict.fromkeys(r["concept"] for r in rows):
         for seed in sorted({r["seed"] for r in rows if r["concept"] == concept}):
@@ -833,7 +857,8 @@ def per_run_table(rows: list[dict]) -> str:
             for m in methods:
                 r = next((r for r in rows if (r["method"], r["concept"], r["seed"]) == (m, concept, seed)), None)
                 cells.append("—" if r is None else f"{r['image_alignment']:.2f} / {r['keeps_background']:.2f} / "
-                             f"{r['seconds_per_step']:.3f} / {_norm(r)[1]:.2f}")
+                             + (f"{r['background_leakage']:.2f} / " if leak else "")
+                             + f"{r['seconds_per_step']:.3f} / {_norm(r)[1]:.2f}")
             lines.append(f"| {concept} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -274,3 +274,16 @@ def test_the_official_singleinsert_trains_on_the_papers_schedule_on_one_render_a
     expected = round(float(2 * (up @ down).square().sum()) ** 0.5, 4)
     assert adapter.artefact(tmp_path, run) == {"vector_norm": round(float(vector.norm()), 3), "lora_delta_norm": expected}
     assert [p.name for p in adapter.artefact_files(tmp_path)] == ["learned_embeds.bin", "pytorch_lora_weights.safetensors"]
+
+
+def test_a_run_is_claimed_by_one_live_process_and_a_dead_holders_claim_is_taken_over(peers, tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "concept" / "personalize_textual-inversion_--weight-decay_0.01_-0"
+    assert peers.claim(out) and not peers.claim(out)  # this process holds it; a second try finds a live holder
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no process now
+    (out.parent / f"{out.name}.claim").write_text(str(dead.pid))
+    assert peers.claim(out) and (out.parent / f"{out.name}.claim").read_text() == str(os.getpid())
+    assert not (out.parent / "personalize_textual-inversion_--weight-decay_0.claim").exists()  # no suffix games

@@ -73,6 +73,16 @@ def test_predicted_vector_has_a_real_tokens_norm_and_starts_at_the_class_word():
     torch.testing.assert_close(v[0, 0], r * cat / cat.norm())
 
 
+def test_vector_norm_sets_the_predicted_vectors_norm_and_keeps_its_direction():
+    method, backbone = make()
+    scaled, _ = make(vector_norm=3.0)
+    (v,), (w,) = method.image_encoder(method.images), scaled.image_encoder(scaled.images)
+    torch.testing.assert_close(w.norm(dim=-1), torch.full((2, 1), 3.0))
+    torch.testing.assert_close(w / 3.0, v / v.norm(dim=-1, keepdim=True))
+    with pytest.raises(PersonalizeError, match="--vector-norm must be positive"):
+        make(vector_norm=0.0)
+
+
 def test_each_row_gets_its_own_images_vector():
     method, backbone = make()
     with torch.no_grad():

@@ -12,8 +12,9 @@ x*_θ, x̄_θ, x̂_θ the x0 implied by the UNet's prediction (eq. 1 inverted; v
 
 Choices and fixes:
 - Scale of the predicted vector: v = r · normalize(u_class + W·h(I)), W zero-initialised, r = the mean norm of
-  the text encoder's vocabulary vectors. The vector therefore always has a real token's norm (the official code's
-  outputs are ~100× too large, norm ~44 against ~0.4) and training starts at the class word's direction.
+  the text encoder's vocabulary vectors (`--vector-norm` sets another r). The vector therefore always has a real
+  token's norm (the official code's outputs are ~100× too large, norm ~44 against ~0.4) and training starts at the
+  class word's direction.
 - x0 comes from the backbone for epsilon and v-prediction (the official code assumes epsilon).
 - The "fixed model" of L_bg and L_sm is the base model with every LoRA switched off, text encoder included
   (the paper's text); `--semantic-reference lora-text-encoder` encodes the class prompt with the LoRA text encoder
@@ -66,6 +67,8 @@ class SingleInsertConfig:
     semantic_reference: str = field(default="fixed", metadata={"help": "what x̄ is conditioned by", "choices": ["fixed", "lora-text-encoder"]})
     loss_reduction: str = field(default="mean", metadata={"help": "mean over all elements, or over the mask's area", "choices": ["mean", "mask"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    vector_norm: float | None = field(default=None, metadata={"help": "norm r of the predicted vector (default: the mean "
+                                                                      "norm of the vocabulary's vectors)"})
 
 
 class SmallCNN(nn.Module):
@@ -182,6 +185,8 @@ class SingleInsert(Method):
     def check(cls, config: SingleInsertConfig, concepts: list) -> None:
         if not config.class_word or len(config.class_word.split()) != 1:
             raise PersonalizeError("--class-word is required: one word for the concept's class, e.g. --class-word face")
+        if config.vector_norm is not None and not config.vector_norm > 0:
+            raise PersonalizeError(f"--vector-norm must be positive (got {config.vector_norm})")
 
     def __init__(self, config: SingleInsertConfig, backbone, captions=None, images=None, **data):
         super().__init__()
@@ -197,7 +202,7 @@ class SingleInsert(Method):
                 raise PersonalizeError(f"--class-word {config.class_word!r} is not one token for the tokenizer; pick a common single word")
             table = encoder.get_input_embeddings().weight.detach()
             class_vectors.append(table[ids[0]])
-            norms.append(table.float().norm(dim=1).mean().item())
+            norms.append(config.vector_norm or table.float().norm(dim=1).mean().item())
         trunk = SmallCNN() if config.encoder == "cnn" else ClipVit(config.encoder_weights)
         self.image_encoder = ImageToToken(trunk, class_vectors, norms)
         self.register_buffer("images", images.clone())
