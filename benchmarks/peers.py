@@ -578,6 +578,10 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-samples", type=int, default=16, help="images per editing prompt")
     parser.add_argument("--only", action="append", default=[], help="run only these rows: 'ours' and/or peer names")
     parser.add_argument("--ours-args", default="", help="extra `personalize train` flags (a hypothesis); the row's label says them")
+    parser.add_argument("--base-rates", action="store_true",
+                        help="only the base model's own share of samples on each single-image adapter's source background "
+                             "for \"a <shape>\" (same sampling seeds as the rows): what background leakage is read against; "
+                             "to OUTPUT/base.jsonl")
     parser.add_argument("--timing-only", action="store_true",
                         help="train only (no sampling or judge): rows with the costs alone, to OUTPUT/timing.jsonl")
     parser.add_argument("--report", metavar="OUTPUT", help="only write OUTPUT/peers.md from OUTPUT/rows.jsonl")
@@ -634,6 +638,10 @@ def main(argv=None) -> int:
         return 0
     cfg = BenchConfig(samples=args.samples, edit_samples=args.edit_samples, model="toy")
     judge = ToyJudge.load()
+    if args.base_rates:
+        base_rates(cfg, judge, [ADAPTERS[name] for name in peers], args.concepts, output)
+        print(report(output))
+        return 0
     for seed, concept in [(s, c) for s in range(args.seeds) for c in HELD_OUT[: args.concepts]]:  # seed-major: every
         traits, cname = concept_traits(concept), concept_name(concept_traits(concept))  # concept early, for the sign test
         sides = [(adapter, side, label) for adapter in map(ADAPTERS.get, peers)
@@ -674,6 +682,38 @@ def main(argv=None) -> int:
                   flush=True)
     print(report(output))
     return 0
+
+
+def base_rates(cfg, judge, adapters: list, concepts: int, output: Path) -> None:
+    """The base model, no concept: the share of its "a <shape>" samples (the rows' sampling seeds) on each source
+    background. The prompt names no background, so the model picks one, the source's among them: a row's leakage is
+    read against this, not against 0."""
+    from personalize.evaluate.toy import background_leakage
+    from personalize.toyworld.bench.common import Sampler, concept_name, concept_traits, load_model
+    from personalize.toyworld.world import HELD_OUT
+
+    model, sample, rows = load_model(cfg), Sampler(cfg), []
+    for background in dict.fromkeys(a.source_background for a in adapters if getattr(a, "source_background", None)):
+        for concept in HELD_OUT[:concepts]:
+            traits = concept_traits(concept)
+            readings = judge.predict(sample(model, f"a {traits['shape']}", cfg.samples))
+            rows.append({"concept": concept_name(traits), "prompt": f"a {traits['shape']}", "samples": cfg.samples,
+                         "background": background, "share": background_leakage(readings, background)})
+    (output / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_base(output: Path) -> list[dict]:
+    file = output / "base.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+
+
+def base_table(rows: list[dict]) -> str:
+    """The base model's share of samples on the source background, per concept (`--base-rates`)."""
+    lines = ["| concept | prompt (base model, no concept) | samples | source background | share on it |", "|---|---|---|---|---|"]
+    lines += [f"| {r['concept']} | \"{r['prompt']}\" | {r['samples']} | {r['background']} | {r['share']:.2f} |" for r in rows]
+    if rows:
+        lines.append(f"| mean | | | | {statistics.mean(r['share'] for r in rows):.3f} |")
+    return "\n".join(lines)
 
 
 def speed(args, peers: dict, scripts: dict, records: dict, output: Path, work: Path) -> None:
@@ -885,6 +925,8 @@ def report(output: Path) -> str:
         first = rows[0]
         lines += ["", f"## speed at real size ({first['model']}, {first['resolution']} px, batch {first['batch']}, "
                       f"{first['threads']} threads; `--speed`)", "", speed_table(rows)]
+    if read_base(output):
+        lines += ["", "## the base model's own rate of the source background (`--base-rates`)", "", base_table(read_base(output))]
     timing_file = output / "timing.jsonl"
     if timing_file.is_file():  # --timing-only rows: the same runs without the judge, run one at a time
         timing = [json.loads(line) for line in timing_file.read_text().splitlines() if line]

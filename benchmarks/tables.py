@@ -300,6 +300,7 @@ def regions() -> dict[str, str]:
            "peers-batex-2026-12-07": peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", "batex-official")),
            "peers-singleinsert-2026-12-07": peers.per_run_table(
                peers.read_rows(RESULTS / "peers-2026-12-07", "singleinsert-official")),
+           "peers-base-2026-12-07": peers.base_table(peers.read_base(RESULTS / "peers-2026-12-07")),
            "peers-kohya-2026-12-07": "\n\n".join(peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", pair))
                                                    for pair in ("kohya-ti", "kohya-lora")),
            "peers-verdicts-2026-12-07": peers.verdict_table(peers.read_rows(RESULTS / "peers-2026-12-07")),

@@ -287,3 +287,12 @@ def test_a_run_is_claimed_by_one_live_process_and_a_dead_holders_claim_is_taken_
     (out.parent / f"{out.name}.claim").write_text(str(dead.pid))
     assert peers.claim(out) and (out.parent / f"{out.name}.claim").read_text() == str(os.getpid())
     assert not (out.parent / "personalize_textual-inversion_--weight-decay_0.claim").exists()  # no suffix games
+
+
+def test_the_base_models_background_rates_are_tabulated_with_their_mean(peers, tmp_path):
+    rows = [{"concept": c, "prompt": f"a {c}", "samples": 16, "background": "pink", "share": v}
+            for c, v in (("heart", 0.25), ("star", 0.5))]
+    (tmp_path / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = peers.base_table(peers.read_base(tmp_path)).splitlines()
+    assert table[2] == '| heart | "a heart" | 16 | pink | 0.25 |' and table[-1] == "| mean | | | | 0.375 |"
+    assert peers.read_base(tmp_path / "missing") == [] and peers.base_table([]).count("\n") == 1
