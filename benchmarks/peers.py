@@ -61,6 +61,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,19 @@ class DiffusersDreamBoothLora:
         return {"lora_delta_norm": lora_delta_norm(folder / "pytorch_lora_weights.safetensors")}
 
 
+# kohya's `_load_target_model` (library/train_util.py) turning every UNet into its own SD 1.x class
+KOHYA_UNET_CONVERSION = ("        original_unet = UNet2DConditionModel(\n"
+                         "            unet.config.sample_size,\n"
+                         "            unet.config.attention_head_dim,\n"
+                         "            unet.config.cross_attention_dim,\n"
+                         "            unet.config.use_linear_projection,\n"
+                         "            unet.config.upcast_attention,\n"
+                         "        )\n"
+                         "        original_unet.load_state_dict(unet.state_dict())\n"
+                         "        unet = original_unet\n"
+                         "        logger.info(\"U-Net converted to original U-Net\")\n")
+
+
 class Kohya:
     """kohya-ss/sd-scripts, from its own checkout (copied whole to the work folder, patched there) and venv. Data comes
     in its dataset TOML (one subset: the images, one caption for all, no buckets, no flip: its defaults); its
@@ -192,27 +206,9 @@ class Kohya:
             Patch("keep-diffusers-unet", "kohya rebuilds every UNet as its own SD 1.x class (block channels 320-1280 "
                   "hard-coded): keep diffusers' UNet when the model is not SD 1.x-shaped (same call signature, same "
                   "module class names for its LoRA)",
-                  "        original_unet = UNet2DConditionModel(\n"
-                  "            unet.config.sample_size,\n"
-                  "            unet.config.attention_head_dim,\n"
-                  "            unet.config.cross_attention_dim,\n"
-                  "            unet.config.use_linear_projection,\n"
-                  "            unet.config.upcast_attention,\n"
-                  "        )\n"
-                  "        original_unet.load_state_dict(unet.state_dict())\n"
-                  "        unet = original_unet\n"
-                  "        logger.info(\"U-Net converted to original U-Net\")\n",
+                  KOHYA_UNET_CONVERSION,
                   "        if tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280) and unet.config.layers_per_block == 2:\n"
-                  "            original_unet = UNet2DConditionModel(\n"
-                  "                unet.config.sample_size,\n"
-                  "                unet.config.attention_head_dim,\n"
-                  "                unet.config.cross_attention_dim,\n"
-                  "                unet.config.use_linear_projection,\n"
-                  "                unet.config.upcast_attention,\n"
-                  "            )\n"
-                  "            original_unet.load_state_dict(unet.state_dict())\n"
-                  "            unet = original_unet\n"
-                  "            logger.info(\"U-Net converted to original U-Net\")\n"
+                  + textwrap.indent(KOHYA_UNET_CONVERSION, "    ") +
                   "        else:\n"
                   "            logger.info(\"U-Net is not SD 1.x-shaped: keeping diffusers' U-Net\")\n",
                   file="library/train_util.py"),
