@@ -355,6 +355,7 @@ def test_base_model_training_gates_its_vae_and_resumes_exactly(tmp_path, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
     sampler = json.loads((tmp_path / "a" / "personalize.json").read_text())["sampler"]
     assert sampler == {"inference_steps": 25, "guidance": 4.0}
+    assert {"vocab.json", "merges.txt"} <= {f.name for f in (tmp_path / "a" / "tokenizer").iterdir()}  # transformers 4 reads these
 
 
 def test_the_scene_pool_is_the_same_for_any_number_of_render_workers(monkeypatch):

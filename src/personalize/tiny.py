@@ -87,6 +87,15 @@ def clip_tokenizer_dir() -> Path:
     return folder
 
 
+def copy_clip_vocabulary(folder: Path) -> None:
+    """Put vocab.json and merges.txt into a model's tokenizer folder: transformers 4's CLIPTokenizer (what a
+    model_index.json names) cannot be built from tokenizer.json alone."""
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(clip_tokenizer_dir() / name, folder / name)
+
+
 @lru_cache(maxsize=None)
 def _tokenizer_template():
     from transformers import CLIPTokenizer

@@ -117,7 +117,7 @@ def fingerprint(configs: Path, seed: int, dtype: torch.dtype) -> str:
 def build_folder(configs: Path, folder: Path, *, seed: int = SEED, dtype: torch.dtype = torch.float16) -> None:
     """Write a loadable diffusers folder into `folder`: every file of `configs`, CLIP vocabulary files for each
     CLIPTokenizer component, and seeded random weights for each torch component that model_index.json names."""
-    from ..tiny import clip_tokenizer_dir
+    from ..tiny import copy_clip_vocabulary
 
     shutil.copytree(configs, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     index = json.loads((configs / "model_index.json").read_text())
@@ -128,8 +128,7 @@ def build_folder(configs: Path, folder: Path, *, seed: int = SEED, dtype: torch.
             continue  # named but not shipped: the shipped folders have none (a test checks)
         library, class_name = entry
         if class_name.startswith("CLIPTokenizer"):
-            for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(clip_tokenizer_dir() / name, folder / component / name)
+            copy_clip_vocabulary(folder / component)
             continue
         cls = _component_class(library, class_name)
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):

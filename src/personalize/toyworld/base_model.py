@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..architectures import save_text_encoder_published, text_encoder_state_for
 from ..backbone import SETTINGS_FILE  # the model folder's own settings: sampler, training templates
 from ..errors import PersonalizeError
-from ..tiny import clip_tokenizer
+from ..tiny import clip_tokenizer, copy_clip_vocabulary
 from .world import SIZE, training_sample
 
 log = logging.getLogger("personalize")
@@ -413,6 +413,7 @@ def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet, scheduler, s
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(output, safe_serialization=True)
     save_text_encoder_published(output / "text_encoder")  # loadable by transformers 4 too
+    copy_clip_vocabulary(output / "tokenizer")  # so is the tokenizer
     config_file = output / "text_encoder" / "config.json"
     config = json.loads(config_file.read_text())
     config.update({"dtype": "float32", "torch_dtype": "float32"})
