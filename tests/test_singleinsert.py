@@ -13,6 +13,7 @@ from personalize.backbone import load_backbone
 from personalize.data import load_image_folder
 from personalize.errors import PersonalizeError
 from personalize.methods import Batch, SingleInsert, SingleInsertConfig
+from personalize.methods.singleinsert import NORM_OVER_VOCABULARY
 from personalize.tiny import build_tiny_pipeline
 
 
@@ -63,12 +64,12 @@ def make(model="tiny", **kw):
     return SingleInsert(SingleInsertConfig(class_word="cat", **kw), backbone, images=images), backbone
 
 
-def test_predicted_vector_has_a_real_tokens_norm_and_starts_at_the_class_word():
+def test_predicted_vector_has_a_multiple_of_the_vocabularys_norm_and_starts_at_the_class_word():
     method, backbone = make()
     table = backbone.text_encoders[0].get_input_embeddings().weight
     cat = table[backbone.tokenizers[0]("cat", add_special_tokens=False).input_ids[0]]
     (v,) = method.image_encoder(method.images)
-    r = table.norm(dim=1).mean()
+    r = NORM_OVER_VOCABULARY * table.norm(dim=1).mean()  # the default: a multiple of the vocabulary's mean norm
     torch.testing.assert_close(v.norm(dim=-1), r.expand(2, 1))
     torch.testing.assert_close(v[0, 0], r * cat / cat.norm())
 
@@ -182,7 +183,7 @@ def test_trains_on_v_prediction_and_sdxl(tmp_path, model):
     for (tokenizer, encoder), v in zip(pairs, vectors, strict=True):
         table = encoder.get_input_embeddings().weight.detach()
         class_vector = table[tokenizer("cat", add_special_tokens=False).input_ids[0]]
-        r = table.norm(dim=1).mean()
+        r = NORM_OVER_VOCABULARY * table.norm(dim=1).mean()
         start = r * class_vector / class_vector.norm()  # where E_i starts (zero-initialised heads)
         assert v.shape == (1, table.shape[1])
         torch.testing.assert_close(v[0].norm(), r, rtol=1e-5, atol=0)

@@ -11,10 +11,13 @@ x*_θ, x̄_θ, x̂_θ the x0 implied by the UNet's prediction (eq. 1 inverted; v
                                                        (100 it., lr 5e-5)
 
 Choices and fixes:
-- Scale of the predicted vector: v = r · normalize(u_class + W·h(I)), W zero-initialised, r = the mean norm of
-  the text encoder's vocabulary vectors (`--vector-norm` sets another r). The vector therefore always has a real
-  token's norm (the official code's outputs are ~100× too large, norm ~44 against ~0.4) and training starts at the
-  class word's direction.
+- Scale of the predicted vector: v = r · normalize(u_class + W·h(I)), W zero-initialised, so training starts at
+  the class word's direction. The paper is silent on the scale; the official code does not normalise, and its
+  outputs are ~100× a real token's norm (norm ~44 against ~0.4 on SD; ~32 against 0.226 on the toy model). Default
+  r = `NORM_OVER_VOCABULARY` (5) × the mean norm of the text encoder's vocabulary vectors: on the toy model r at the
+  vocabulary's mean (an earlier default) drew the concept from "a S" in 0.35 of samples, r at 4.4× and 13× the mean
+  in 0.94, r at 133× began to lose the prompt (benchmarks/README.md, Peers). A multiple, not a number, because
+  each model's vocabulary has its own scale. `--vector-norm` sets r itself.
 - x0 comes from the backbone for epsilon and v-prediction (the official code assumes epsilon).
 - The "fixed model" of L_bg and L_sm is the base model with every LoRA switched off, text encoder included
   (the paper's text); `--semantic-reference lora-text-encoder` encodes the class prompt with the LoRA text encoder
@@ -67,8 +70,12 @@ class SingleInsertConfig:
     semantic_reference: str = field(default="fixed", metadata={"help": "what x̄ is conditioned by", "choices": ["fixed", "lora-text-encoder"]})
     loss_reduction: str = field(default="mean", metadata={"help": "mean over all elements, or over the mask's area", "choices": ["mean", "mask"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    vector_norm: float | None = field(default=None, metadata={"help": "norm r of the predicted vector (default: the mean "
-                                                                      "norm of the vocabulary's vectors)"})
+    vector_norm: float | None = field(default=None, metadata={"help": "norm r of the predicted vector (default: 5 × the "
+                                                                      "mean norm of the vocabulary's vectors)"})
+
+
+# The default norm of the predicted vector over the vocabulary's mean norm (module docstring: why a multiple, why 5).
+NORM_OVER_VOCABULARY = 5.0
 
 
 class SmallCNN(nn.Module):
@@ -202,7 +209,7 @@ class SingleInsert(Method):
                 raise PersonalizeError(f"--class-word {config.class_word!r} is not one token for the tokenizer; pick a common single word")
             table = encoder.get_input_embeddings().weight.detach()
             class_vectors.append(table[ids[0]])
-            norms.append(config.vector_norm or table.float().norm(dim=1).mean().item())
+            norms.append(config.vector_norm or NORM_OVER_VOCABULARY * table.float().norm(dim=1).mean().item())
         trunk = SmallCNN() if config.encoder == "cnn" else ClipVit(config.encoder_weights)
         self.image_encoder = ImageToToken(trunk, class_vectors, norms)
         self.register_buffer("images", images.clone())
