@@ -106,3 +106,29 @@ def test_a_generated_table_can_show_only_the_held_out_or_the_nameable_concepts_r
     assert {r["concept"] for r in tables._table_rows(held)} == {"orange-heart-dotted"}
     assert {r["concept"] for r in tables._table_rows(named)} == {"red-square-striped"}
     assert "| batex | 1 | 1 | 0.500 |" in tables.rows_table(held, tables._table_rows(held))
+
+
+@pytest.mark.parametrize("esr", [True, False])
+def test_singleinsert_rows_read_the_toy_esr_unless_no_esr(tmp_path, monkeypatch, esr):
+    """--no-esr leaves the ESR column out and draws none of its prompts; by default every row has it. Training,
+    sampling and judging are stubbed: which prompts are drawn and what the row holds are under test."""
+    from types import SimpleNamespace
+
+    from personalize.evaluate.protocols import TOY_ESR
+    from personalize.toyworld.bench import singleinsert
+    from personalize.toyworld.bench.common import BenchConfig
+
+    drawn = []
+    monkeypatch.setattr(singleinsert, "train_run", lambda *a, **k: 1.0)
+    monkeypatch.setattr(singleinsert, "load_model", lambda cfg, concepts=(): None)
+    monkeypatch.setattr(singleinsert, "measure_embedding", lambda *a, **k: {"text_alignment": 1.0, "edit_keeps_concept": 0.5})
+    monkeypatch.setattr(singleinsert, "Sampler", lambda cfg: lambda backbone, prompt, n: drawn.append(prompt) or [None] * n)
+    monkeypatch.setattr(singleinsert, "editing_success_rate", lambda images, prompts, judge: SimpleNamespace(overall=0.75))
+    monkeypatch.setattr(singleinsert, "T", SimpleNamespace(**{f: (lambda *a, **k: 0.5) for f in (
+        "concept_rate", "feature_similarity", "background_leakage", "clean_foreground_rate", "diversity")}))
+    judge = SimpleNamespace(predict=lambda images: [])
+    rows = singleinsert.suite_singleinsert(BenchConfig(output=str(tmp_path), concepts=1, seeds=1, esr=esr,
+                                                       methods=["singleinsert: full (+L_sm)"]), judge, tmp_path)
+    assert [r["method"] for r in rows] == ["singleinsert: full (+L_sm)"]
+    assert ("esr" in rows[0]) is esr and rows[0].get("esr", 0.75) == 0.75
+    assert len(drawn) == (len(TOY_ESR) if esr else 0)

@@ -46,6 +46,9 @@ class BenchConfig:
     curve: bool = field(default=True, metadata={
         "help": "measure the embeddings suite along training (3 points); --no-curve: at the last step only (the same "
                 "final rows: a run resumed in segments continues exactly; a third of the sampling)"})
+    esr: bool = field(default=True, metadata={
+        "help": "read the toy ESR of every SingleInsert run (10 more prompts × --edit-samples); --no-esr: leave the "
+                "column out (half the suite's sampling; only the encoder claims read it)"})
     keep_runs: bool = field(default=False, metadata={"help": "keep every run's folder under OUTPUT/runs"})
     methods: list[str] = field(default_factory=list, metadata={
         "help": "only the trained rows with these labels (as in bench.md; the embeddings suite's base rows too); default all"})

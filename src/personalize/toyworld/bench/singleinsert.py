@@ -91,7 +91,6 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                 edits = measure_embedding(cfg, backbone, judge, subject, traits, source,
                                           Path(cfg.output) / "grids" / f"singleinsert-{name}-{out.name}.png", images)
                 readings = judge.predict(images)
-                esr_images = {p.template: sample(backbone, p.template.format(subject), cfg.edit_samples) for p in TOY_ESR}
                 row = {"suite": "singleinsert", "method": label, "concept": name, "held_out": concept in HELD_OUT, "seed": seed,
                        "train_seconds": seconds,
                        "foreground_alignment": T.concept_rate(readings, traits),
@@ -100,8 +99,10 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
                        "clean_foreground": T.clean_foreground_rate(readings, traits, SOURCE_BACKGROUND),
                        "text_alignment": edits["text_alignment"], "edit_keeps_concept": edits["edit_keeps_concept"],
                        **{k: v for k, v in edits.items() if k.startswith(("edit_", "keeps_")) and k != "edit_keeps_concept"},
-                       "diversity": T.diversity(judge, images),
-                       "esr": editing_success_rate(esr_images, list(TOY_ESR), judge).overall}
+                       "diversity": T.diversity(judge, images)}
+                if cfg.esr:
+                    esr_images = {p.template: sample(backbone, p.template.format(subject), cfg.edit_samples) for p in TOY_ESR}
+                    row["esr"] = editing_success_rate(esr_images, list(TOY_ESR), judge).overall
                 rows.append(row)
                 LOG.info("%s", row)
     rows += _compositions(cfg, judge, runs_of)
