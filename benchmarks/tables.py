@@ -78,6 +78,23 @@ EQ = "dreambooth-lora: as many updates as dis2booth"
 SCAN_PAPER, SCAN_CELLS = "dis2booth λ=1e-05 γ=1e-06", ["dis2booth λ=0.001 γ=0.0001", "dis2booth λ=0.1 γ=0.01", "dis2booth λ=1 γ=1"]
 SI_FULL, TI1, TIL = "singleinsert: full (+L_sm)", "textual-inversion (1 image)", "textual-inversion + LoRA (1 image)"
 
+SI_CLAIMS = [  # Tables 1 and 2 of the SingleInsert paper, as the 2.1 rows read them
+    Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
+    Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
+    Claim("L_sm lowers it further", "CLIP-I-b 0.591 → 0.465", "background_leakage", SI_FULL, "singleinsert: +L_fg +L_bg", False),
+    Claim("L_sm restores editing", "CLIP-T 0.251 → 0.316, ESR 0.655 → 0.810", "text_alignment", SI_FULL, "singleinsert: +L_fg +L_bg"),
+    Claim("the full method leaks less than plain reconstruction", "CLIP-I-b 0.981 → 0.465", "background_leakage", SI_FULL, "singleinsert: baseline", False),
+    Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL, "singleinsert: stage I only", False),
+    Claim("edits keep the concept better than TI+DB", "Table 1: ESR 0.825 vs 0.480", "edit_keeps_concept", SI_FULL, TIL),
+    Claim("a cleaner foreground than TI", "Table 1: CLIP-I-f 0.857 vs 0.758", "clean_foreground", SI_FULL, TI1)]
+SI12 = "toy-2026-12-07/singleinsert-12.json"
+SI12_ROWS = [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL]
+SI12_COLUMNS = [c for c in SI_COLUMNS if c != "esr"]
+# The same claims without the Stage-I row's (not run), and L_sm's editing also on the column that does not saturate.
+SI12_CLAIMS = [c for c in SI_CLAIMS if c.b != "singleinsert: stage I only"]
+SI12_CLAIMS.insert(4, Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)",
+                            "edit_keeps_concept", SI_FULL, "singleinsert: +L_fg +L_bg"))
+
 TABLES = [
     Table("batex-2.1", ["toy-2026-11-27/embeddings.json"], "embeddings",
           ["base: full description", "base: init word only", "textual-inversion", "batex"], BATEX_COLUMNS, [
@@ -109,36 +126,13 @@ TABLES = [
               Claim("dot slightly beats cosine", "\"slightly better\"", "text_alignment", "batex dot", "batex cosine")]),
     Table("singleinsert-2.1", ["toy-2026-11-27/singleinsert.json"], "singleinsert",
           [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, "singleinsert: stage I only"],
-          SI_COLUMNS, [
-              Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
-              Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
-              Claim("L_sm lowers it further", "CLIP-I-b 0.591 → 0.465", "background_leakage", SI_FULL, "singleinsert: +L_fg +L_bg", False),
-              Claim("L_sm restores editing", "CLIP-T 0.251 → 0.316, ESR 0.655 → 0.810", "text_alignment", SI_FULL, "singleinsert: +L_fg +L_bg"),
-              Claim("the full method leaks less than plain reconstruction", "CLIP-I-b 0.981 → 0.465", "background_leakage", SI_FULL, "singleinsert: baseline", False),
-              Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL, "singleinsert: stage I only", False),
-              Claim("edits keep the concept better than TI+DB", "Table 1: ESR 0.825 vs 0.480", "edit_keeps_concept", SI_FULL, TIL),
-              Claim("a cleaner foreground than TI", "Table 1: CLIP-I-f 0.857 vs 0.758", "clean_foreground", SI_FULL, TI1)]),
+          SI_COLUMNS, SI_CLAIMS),
     # issue 26: the loss ablation and Table 1's comparisons on the 12 bench concepts, at the predicted vector's new
     # default norm (5 × the vocabulary's mean; the 2.1 rows above ran at 1 ×); no Stage-I row (its claim reads text
     # alignment, 1.00 in every SingleInsert run) and no ESR (--no-esr)
-    Table("singleinsert-12-concepts", ["toy-2026-12-07/singleinsert-12.json"], "singleinsert",
-          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL],
-          [c for c in SI_COLUMNS if c != "esr"], [
-              Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
-              Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
-              Claim("L_sm lowers it further", "CLIP-I-b 0.591 → 0.465", "background_leakage", SI_FULL, "singleinsert: +L_fg +L_bg", False),
-              Claim("L_sm restores editing", "CLIP-T 0.251 → 0.316, ESR 0.655 → 0.810", "text_alignment", SI_FULL, "singleinsert: +L_fg +L_bg"),
-              Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)", "edit_keeps_concept",
-                    SI_FULL, "singleinsert: +L_fg +L_bg"),
-              Claim("the full method leaks less than plain reconstruction", "CLIP-I-b 0.981 → 0.465", "background_leakage", SI_FULL, "singleinsert: baseline", False),
-              Claim("edits keep the concept better than TI+DB", "Table 1: ESR 0.825 vs 0.480", "edit_keeps_concept", SI_FULL, TIL),
-              Claim("a cleaner foreground than TI", "Table 1: CLIP-I-f 0.857 vs 0.758", "clean_foreground", SI_FULL, TI1)]),
-    Table("singleinsert-12-held-out", ["toy-2026-12-07/singleinsert-12.json"], "singleinsert",
-          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL],
-          [c for c in SI_COLUMNS if c != "esr"], only={"held_out": True}),
-    Table("singleinsert-12-nameable", ["toy-2026-12-07/singleinsert-12.json"], "singleinsert",
-          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL],
-          [c for c in SI_COLUMNS if c != "esr"], only={"held_out": False}),
+    Table("singleinsert-12-concepts", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, SI12_CLAIMS),
+    Table("singleinsert-12-held-out", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, only={"held_out": True}),
+    Table("singleinsert-12-nameable", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, only={"held_out": False}),
     Table("singleinsert-encoder-reference-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json"], "singleinsert",
           [SI_FULL, "singleinsert: full, ViT encoder (from scratch)", "singleinsert: official semantic reference", TIL],
           SI_COLUMNS[:2] + ["clean_foreground", "edit_keeps_concept", "diversity", "esr", "feature_similarity", "train_seconds"], [
