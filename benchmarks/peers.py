@@ -33,7 +33,8 @@ Peers and how each plugs in (an adapter = patches + a command line + where the a
   (`--instance_prompt` / `--instance-prompt`), rank 4, no prior preservation, and every prompt of the judge names the
   concept "sks <shape>". No patch: the toy folder loads as a real one. The toy rate is the bench's sweep's
   (3e-4, scaled by the batch on both sides). Defaults each side keeps (a user's run): theirs clips the gradient norm at
-  1.0 and never flips; ours does not clip and trains on the images and their mirrors.
+  1.0; ours does not clip; neither flips (ours since its default followed theirs, 2026-12-07: the rows of ours
+  measured before, with mirrors, carry the label "[old default: flip]").
 - `kohya-ti`, `kohya-lora`: kohya's sd-scripts `train_textual_inversion.py` and `train_network.py` (networks.lora, UNet
   only), against our `textual-inversion` and `dreambooth-lora`: data in a dataset TOML (one caption for all images),
   the tokenizer from `--tokenizer_cache_dir` (filled from the model folder), the rate times the batch (no --scale_lr).

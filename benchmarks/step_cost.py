@@ -115,7 +115,7 @@ def method_step(backbone, args, method_name: str, cached: bool):
     from personalize.latents import LatentCache
 
     images = training_images(args.num_images, args.resolution)
-    rows_total = 2 * len(images)  # flip=True, as the trainer's default
+    rows_total = 2 * len(images)  # with mirrors (a step costs the same without: a batch is a batch)
     time_ids = backbone.default_time_ids(rows_total, args.resolution) if backbone.is_sdxl else None  # uncropped squares
     cache = LatentCache(backbone, images, True, "cpu", None, time_ids)
     cls = METHODS[method_name]

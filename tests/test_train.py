@@ -71,6 +71,32 @@ def test_training_lowers_the_denoising_loss_on_held_fixed_noise(tmp_path, method
     assert after < before * 0.997, (before, after)  # deterministic draws: a real decrease, not noise
 
 
+@pytest.mark.parametrize("method, extra, mirrors", [
+    ("textual-inversion", ["--init-word", "cat"], True),  # as the paper's code and diffusers' TI example
+    ("textual-inversion", ["--init-word", "cat", "--no-flip"], False),
+    ("dreambooth-lora", ["--class-word", "cat"], False),  # as diffusers' and kohya's DreamBooth scripts
+    ("dis2booth", ["--class-word", "cat"], False),
+    ("dreambooth-lora", ["--class-word", "cat", "--flip"], True),
+])
+def test_mirrors_are_the_methods_default_unless_asked_and_config_records_what_ran(tmp_path, monkeypatch, method, extra, mirrors):
+    import personalize.trainer as trainer
+
+    caches = []
+
+    def recording_cache(*args, **kwargs):
+        caches.append(original(*args, **kwargs))
+        return caches[-1]
+
+    original = trainer.LatentCache
+    monkeypatch.setattr(trainer, "LatentCache", recording_cache)
+    out = tmp_path / "run"
+    run(["--method", method, "--images", EXAMPLE_IMAGES, "--output", out, "--steps", 1, "--batch-size", 2,
+         "--num-validation-images", 0, *extra])
+    cache = caches[0]
+    assert sum(len(s.mean) for s in cache.shards) == cache.num_images * (2 if mirrors else 1)
+    assert yaml.safe_load((out / "config.yaml").read_text())["flip"] is mirrors
+
+
 def run_killed_at_loss_call(monkeypatch, method_cls, call: int, args) -> None:
     """Run `args` and kill it (KeyboardInterrupt, exit 130) during the `call`-th loss computation."""
     calls = {"n": 0}

@@ -57,6 +57,13 @@ def test_the_command_means_what_the_form_shows_for_every_kind_of_field():
         O.check_argv(argv, "textual-inversion", {**values, "steps": 21})
 
 
+@pytest.mark.parametrize("method, mirrors", [("textual-inversion", True), ("dreambooth-lora", False)])
+def test_a_switch_that_defers_to_the_method_shows_the_methods_default_and_passes_only_a_change(method, mirrors):
+    assert O.baseline(method, None)["flip"] is mirrors  # the switch shows what the run will do
+    assert not any("flip" in token for token in O.train_argv(method, "toy", "imgs", "out", {"flip": mirrors}))
+    assert ("--flip" if not mirrors else "--no-flip") in O.train_argv(method, "toy", "imgs", "out", {"flip": not mirrors})
+
+
 def test_a_preset_is_named_in_the_command_and_only_changes_from_it_become_flags():
     base = O.baseline("textual-inversion", "toy")
     assert base["lr"] == 5e-3 and base["steps"] == 300  # the preset file's values, not the dataclass's

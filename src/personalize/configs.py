@@ -41,7 +41,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) ->
             names.append(f"--{f.name}")
         names += f.metadata.get("aliases", [])
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that says its own default ("the method's") is not followed by "None"
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             parser_action = argparse.BooleanOptionalAction

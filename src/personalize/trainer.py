@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,12 +65,16 @@ class TrainConfig:
     lr: float | None = field(default=None, metadata={"help": "learning rate before scaling (default: the method's)", "aliases": ["--learning_rate"]})
     scale_lr: bool | None = field(default=None, metadata={"help": "multiply the learning rate by batch size × processes, as diffusers' "
                                                                  "--scale_lr (default: the method's; on, except SingleInsert whose paper "
-                                                                 "rates are absolute)"})
+                                                                 "rates are absolute)", "method_default": "scales_lr"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps of the learning rate", "aliases": ["--lr_warmup_steps"]})
     lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate shape after the warm-up (diffusers' names)",
                                                             "choices": ["constant", "linear", "cosine"], "aliases": ["--lr_scheduler"]})
     resolution: int | None = field(default=None, metadata={"help": "training image size (default: the model's native size)"})
-    flip: bool = field(default=True, metadata={"help": "also train on mirrored images"})
+    flip: bool | None = field(default=None, metadata={
+        "help": "also train on mirrored images; --no-flip for a subject that is not its own mirror image: lettering, a "
+                "logo, a one-way pattern (default: the method's, recorded in config.yaml: off for DreamBooth-LoRA, as "
+                "diffusers' and kohya's DreamBooth scripts; on where the method's reference code flips)",
+        "method_default": "flips"})
     buckets: bool = field(default=False, metadata={"help": "aspect-ratio buckets: keep each image's aspect ratio (about resolution² "
                                                             "pixels) instead of a square crop; a batch never mixes buckets (kohya --enable_bucket)",
                                                    "aliases": ["--enable_bucket"]})
@@ -120,6 +124,7 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     from accelerate.utils import set_seed
 
     check_run(cfg, method_cfg)  # fails in a second, before anything is loaded
+    cfg = replace(cfg, flip=_given(cfg.flip, METHODS[cfg.method].flips))  # config.yaml records what ran, not "the default"
     accelerator = _accelerator(cfg)
     with accelerator.main_process_first():  # one process decides about (and writes) the folder; files are written once
         output = prepare_output(cfg) if accelerator.is_main_process else Path(cfg.output)

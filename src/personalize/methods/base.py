@@ -62,6 +62,7 @@ class Method(nn.Module):
     multi_concept: bool = True  # learns several concepts in one run (a --dataset file of subsets)
     trains_text_side: bool = True  # gradients pass through the text encoder (else its prompt embeddings can be cached)
     scales_lr: bool = True  # default of --scale-lr: the rate is per image (diffusers' convention), × batch × processes
+    flips: bool = True  # default of --flip: also train on each image's mirror (Textual Inversion's code and its successors)
     loss_options: tuple[str, ...] = ("noise_offset", "snr_gamma", "masked")  # the LossOptions its loss honours
 
     @classmethod

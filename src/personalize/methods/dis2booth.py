@@ -135,6 +135,7 @@ class Dis2Booth(DreamBoothLora):
     default_steps = 500
     default_lr = 1e-4
     adapters = ("anchor", "delta")
+    flips = False  # our choice (the paper does not say): DreamBooth-LoRA's, the method it extends
 
     @classmethod
     def check(cls, config: Dis2BoothConfig, concepts: list) -> None:

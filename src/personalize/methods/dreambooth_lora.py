@@ -55,6 +55,9 @@ class DreamBoothLora(Method):
     default_lr = 1e-4
     adapters: tuple[str, ...] = ("default",)
     reads_caption_files = True
+    # No mirrors by default, as diffusers' and kohya's DreamBooth scripts: a subject need not be its own mirror image
+    # (lettering, a logo, the toy world's one-way stripes, where flipping cost "a S" 0.965 → 0.875: benchmarks/README.md, Peers).
+    flips = False
 
     @property
     def trains_text_side(self) -> bool:

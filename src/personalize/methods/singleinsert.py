@@ -179,6 +179,9 @@ class SingleInsert(Method):
     config_class = SingleInsertConfig
     default_lr = 1e-4  # Section 4: Stage I at 1e-4, Stage II at 5e-5, as absolute rates
     scales_lr = False
+    # Mirrors on (the base default), though the paper's code never flips: the only rows without (--vector-norm 1, seed 0,
+    # 3 concepts, Peers in benchmarks/README.md) read better on black and edits; too few to change a default on.
+    flips = True
     needs_masks = True
     uses_images = True
     multi_concept = False  # one image, one concept: the paper's setting (train concepts apart, compose at generation)

@@ -38,6 +38,7 @@ class Option:
     help: str
     choices: tuple | None
     owner: str  # the dataclass that declares it: "TrainConfig" or the method's config class
+    method_default: str | None = None  # left alone, the option is this attribute of the method class (--flip: `flips`)
 
     @property
     def flag(self) -> str:
@@ -71,7 +72,7 @@ def dataclass_options(cls, seen: set[str] | None = None) -> list[Option]:
         kind, is_list = _base_type(f.type)
         choices = f.metadata.get("choices")
         out.append(Option(f.name, kind, is_list, _default(f), f.metadata.get("help", ""),
-                          tuple(choices) if choices else None, cls.__name__))
+                          tuple(choices) if choices else None, cls.__name__, f.metadata.get("method_default")))
     return out
 
 
@@ -93,8 +94,12 @@ def presets() -> dict[str, str]:
 
 
 def baseline(method: str, preset: str | None) -> dict:
-    """What each option is when the form leaves it alone: the dataclass default, or the preset's value."""
-    values = {o.name: o.default for o in options_for(method)}
+    """What each option is when the form leaves it alone: the dataclass default (or, where the field defers to the
+    method, the method's: the switch of --flip shows what the run will do), or the preset's value."""
+    from ..methods import METHODS
+
+    values = {o.name: getattr(METHODS[method], o.method_default) if o.method_default else o.default
+              for o in options_for(method)}
     if preset:
         values.update({k: v for k, v in read_preset(preset).items() if k in values})
     return values
@@ -179,8 +184,13 @@ def parse_quietly(argv: list[str]):
 def check_argv(argv: list[str], method: str, values: dict):
     """Parse `argv` with the CLI's own parser and require every value the form shows: the command is the form.
     Returns the parsed (TrainConfig, method config)."""
+    from ..methods import METHODS
+
     train_cfg, method_cfg = parse_quietly(argv[1:])
     parsed = {**vars(train_cfg), **vars(method_cfg)}
+    for option in options_for(method):  # left to the method: what the method says (as the trainer resolves it)
+        if option.method_default and parsed.get(option.name) is None and method in METHODS:
+            parsed[option.name] = getattr(METHODS[method], option.method_default)
     if parsed["method"] != method:
         raise PersonalizeError(f"the command trains {parsed['method']}, the form says {method}")
     for option in options_for(method):
@@ -208,5 +218,5 @@ def help_line(option: Option, base) -> str:
     if base is None:
         return f"{option.flag} · {option.help}"
     shown = base if base != "" else "''"
-    note = "" if base == option.default else ", from the preset"
+    note = "" if base == option.default else ", the method's" if option.method_default else ", from the preset"
     return f"{option.flag} · {_DEFAULT_NOTE.sub('', option.help)} (default: {shown}{note})"

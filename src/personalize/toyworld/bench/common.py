@@ -107,11 +107,13 @@ def train_run(cfg: BenchConfig, out: Path, method: str, method_cfg, images: Path
     """Train `steps` steps on the bench's model (or continue `out` to `steps`); return the wall time in seconds."""
     from ...trainer import TrainConfig, train
 
+    # flip=True: every bench row trains on mirrors, as every committed row did before DreamBooth-LoRA's default went to
+    # no flip (2026-12-07), so rows of every day stay comparable.
     train_cfg = TrainConfig(method=method, model=cfg.model, images=str(images), output=str(out), steps=steps, seed=seed, lr=lr,
                             batch_size=batch_size, validation_steps=max(1, steps // 5) if previews else None,
                             validation_prompts=previews, num_validation_images=8 if previews else 0,
                             checkpointing_steps=10**9, checkpoints_total_limit=1,
-                            overwrite=not resume, resume="latest" if resume else None)
+                            overwrite=not resume, resume="latest" if resume else None, flip=True)
     start = time.monotonic()
     train(train_cfg, method_cfg)
     return time.monotonic() - start
