@@ -94,6 +94,31 @@ SI12_COLUMNS = [c for c in SI_COLUMNS if c != "esr"]
 SI12_CLAIMS = [c for c in SI_CLAIMS if c.b != "singleinsert: stage I only"]
 SI12_CLAIMS.insert(4, Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)",
                             "edit_keeps_concept", SI_FULL, "singleinsert: +L_fg +L_bg"))
+D2B_CLAIMS = [  # Table 1 of the Dis²Booth paper, as the distribution suite's rows read it
+    Claim("closer to the category than DreamBooth-LoRA", "Table 1: FID 27.63 vs 32.50, 58.15 vs 112.27", "frechet", "dis2booth", "dreambooth-lora", False),
+    Claim("more diverse than DreamBooth-LoRA", "LPIPS 0.5356 vs 0.5276, 0.5189 vs 0.5022", "diversity", "dis2booth", "dreambooth-lora"),
+    Claim("closer to the category than Textual Inversion", "FID 27.63 vs 55.48, 58.15 vs 94.91", "frechet", "dis2booth", "textual-inversion", False),
+    Claim("(not a paper claim) keeps the shared trait more than DreamBooth-LoRA", "—", "keeps_trait", "dis2booth", "dreambooth-lora")]
+D2B_ABLATION_CLAIMS = [  # the paper's three ablations (§3; it gives no ablation table)
+    Claim("ℓ_con helps (Fréchet)", "no ablation table (§3)", "frechet", "dis2booth", "dis2booth: no contextual loss", False),
+    Claim("ℓ_delta helps (Fréchet)", "no ablation table", "frechet", "dis2booth", "dis2booth: no delta loss", False),
+    Claim("asynchronous beats synchronous training (Fréchet)", "§3: synchronous \"can lead to … collapse\"", "frechet", "dis2booth", "dis2booth: synchronous", False)]
+D2B_FOLDED_CLAIMS = [  # ours: the paper's Algorithm 1 against folding its Delta sub-steps into one
+    Claim("(ours) Algorithm 1's schedule beats the folded one (Fréchet)", "—", "frechet", "dis2booth", "dis2booth: folded schedule", False),
+    Claim("(ours) … on the shared trait", "—", "keeps_trait", "dis2booth", "dis2booth: folded schedule")]
+# Dis²Booth makes 1,000 optimizer updates in 120 iterations where DreamBooth-LoRA makes 120: the comparisons at equal cost
+AT_EQUAL_UPDATES = ("Dis²Booth beats DreamBooth-LoRA, 1,000 updates each", "not in the paper", "dis2booth", EQ)
+MORE_UPDATES = ("DreamBooth-LoRA: 1,000 beats 120 updates", "not in the paper", EQ, "dreambooth-lora")
+
+
+def on_three_columns(comparisons: list[tuple]) -> list[Claim]:
+    """Each (text, paper, A, B) on the distribution suite's three quality columns (Fréchet lower is better)."""
+    return [Claim(f"{text} ({COLUMN[m]})", paper, m, a, b, m != "frechet")
+            for text, paper, a, b in comparisons for m in ("frechet", "diversity", "keeps_trait")]
+
+
+D2B6, D2B6_ABLATIONS, D2B6_MORE = ("toy-2026-12-07/distribution-6.json", "toy-2026-12-07/distribution-6-ablations.json",
+                                   "toy-2026-12-07/distribution-6-equal-updates-folded.json")
 
 TABLES = [
     Table("batex-2.1", ["toy-2026-11-27/embeddings.json"], "embeddings",
@@ -146,32 +171,31 @@ TABLES = [
               Claim("two concepts trained apart compose better than with TI+LoRA", "\"beyond BreakAScene\" (no table)", "both_drawn", SI_FULL, TIL),
               Claim("… and better than with TI", "(no table)", "both_drawn", SI_FULL, TI1)]),
     Table("dis2booth-2.1", ["toy-2026-11-27/distribution.json"], "distribution",
-          ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", EQ, "dis2booth"], D2B_COLUMNS, [
-              Claim("closer to the category than DreamBooth-LoRA", "Table 1: FID 27.63 vs 32.50, 58.15 vs 112.27", "frechet", "dis2booth", "dreambooth-lora", False),
-              Claim("more diverse than DreamBooth-LoRA", "LPIPS 0.5356 vs 0.5276, 0.5189 vs 0.5022", "diversity", "dis2booth", "dreambooth-lora"),
-              Claim("closer to the category than Textual Inversion", "FID 27.63 vs 55.48, 58.15 vs 94.91", "frechet", "dis2booth", "textual-inversion", False),
-              Claim("(not a paper claim) keeps the shared trait more than DreamBooth-LoRA", "—", "keeps_trait", "dis2booth", "dreambooth-lora")]),
+          ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", EQ, "dis2booth"], D2B_COLUMNS, D2B_CLAIMS),
+    # issue 26: Table 1's comparisons on the 6 categories of world.CATEGORIES (the 3 above and 3 more) × 2 seeds
+    Table("dis2booth-6-categories", [D2B6], "distribution",
+          ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", "dis2booth"], D2B_COLUMNS, D2B_CLAIMS),
+    Table("dis2booth-ablations-6-categories", [D2B6, D2B6_ABLATIONS], "distribution",
+          ["dis2booth", "dis2booth: no contextual loss", "dis2booth: no delta loss", "dis2booth: synchronous"], D2B_COLUMNS,
+          D2B_ABLATION_CLAIMS),
     Table("dis2booth-ablations-2.1", ["toy-2026-12-05/distribution-ablations.json"], "distribution",
           ["dis2booth", "base: class word", "real renders (the floor)", "dis2booth: no contextual loss", "dis2booth: no delta loss",
            "dis2booth: synchronous", "dis2booth: folded schedule"], D2B_COLUMNS, [
-              Claim("ℓ_con helps (Fréchet)", "no ablation table (§3)", "frechet", "dis2booth", "dis2booth: no contextual loss", False),
-              Claim("ℓ_delta helps (Fréchet)", "no ablation table", "frechet", "dis2booth", "dis2booth: no delta loss", False),
-              Claim("asynchronous beats synchronous training (Fréchet)", "§3: synchronous \"can lead to … collapse\"", "frechet", "dis2booth", "dis2booth: synchronous", False),
-              Claim("(ours) Algorithm 1's schedule beats the folded one (Fréchet)", "—", "frechet", "dis2booth", "dis2booth: folded schedule", False),
-              Claim("(ours) … on the shared trait", "—", "keeps_trait", "dis2booth", "dis2booth: folded schedule")]),
+              *D2B_ABLATION_CLAIMS, *D2B_FOLDED_CLAIMS]),
     Table("dis2booth-scan-2.1", ["toy-2026-12-05/dis2booth-scan.json"], "dis2booth-scan",
           [SCAN_PAPER, *SCAN_CELLS], ["frechet", "diversity", "keeps_trait", "train_seconds"], [
               Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
               for cell in SCAN_CELLS for m in ("frechet", "diversity")]),
     Table("dis2booth-equal-updates-2.1", ["toy-2026-12-06/distribution-equal-updates.json"], "distribution",
-          ["dis2booth", "dis2booth: synchronous", "dreambooth-lora", EQ, "base: class word", "real renders (the floor)"], D2B_COLUMNS, [
-              Claim(f"{text} ({COLUMN[m]})", paper, m, a, b, m != "frechet")
-              for text, paper, a, b in (
-                  ("Dis²Booth beats DreamBooth-LoRA, 120 updates", "Table 1's comparison", "dis2booth", "dreambooth-lora"),
-                  ("Dis²Booth beats DreamBooth-LoRA, 1,000 updates each", "not in the paper", "dis2booth", EQ),
-                  ("DreamBooth-LoRA: 1,000 beats 120 updates", "not in the paper", EQ, "dreambooth-lora"),
-                  ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper", "dis2booth: synchronous", "dreambooth-lora"))
-              for m in ("frechet", "diversity", "keeps_trait")]),
+          ["dis2booth", "dis2booth: synchronous", "dreambooth-lora", EQ, "base: class word", "real renders (the floor)"], D2B_COLUMNS,
+          on_three_columns([("Dis²Booth beats DreamBooth-LoRA, 120 updates", "Table 1's comparison", "dis2booth", "dreambooth-lora"),
+                            AT_EQUAL_UPDATES, MORE_UPDATES,
+                            ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper",
+                             "dis2booth: synchronous", "dreambooth-lora")])),
+    # issue 26: the equal-updates comparisons and our folded schedule on the 6 categories × 2 seeds
+    Table("dis2booth-equal-updates-6-categories", [D2B6, D2B6_MORE], "distribution",
+          ["dis2booth", "dreambooth-lora", EQ, "dis2booth: folded schedule"], D2B_COLUMNS,
+          on_three_columns([AT_EQUAL_UPDATES, MORE_UPDATES]) + D2B_FOLDED_CLAIMS),
 ]
 
 
