@@ -120,7 +120,7 @@ def _press_train(page) -> None:
     """Press Train and see a job start. Once (CI, a loaded 2-core machine) the status still read "No run yet" 90 s
     after the click with nothing on the page saying why: a click the page lost while it re-rendered. So: a refusal
     the page shows (a notification) fails the test in its words; a click with no effect at all is pressed once more."""
-    for attempt in range(2):
+    for _ in range(2):
         page.locator("#train").click()
         end = time.time() + 20
         while time.time() < end and page.locator("#train-status").inner_text().startswith("No run yet"):

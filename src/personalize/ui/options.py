@@ -93,13 +93,18 @@ def presets() -> dict[str, str]:
     return {name: preset_description(name) for name in preset_names()}
 
 
+def left_alone(option: Option, method: str):
+    """What `option` is when no flag sets it: the method's own default where the field defers to the method (as the
+    trainer resolves it), else the dataclass default."""
+    from ..methods import METHODS
+
+    return getattr(METHODS[method], option.method_default) if option.method_default else option.default
+
+
 def baseline(method: str, preset: str | None) -> dict:
     """What each option is when the form leaves it alone: the dataclass default (or, where the field defers to the
     method, the method's: the switch of --flip shows what the run will do), or the preset's value."""
-    from ..methods import METHODS
-
-    values = {o.name: getattr(METHODS[method], o.method_default) if o.method_default else o.default
-              for o in options_for(method)}
+    values = {o.name: left_alone(o, method) for o in options_for(method)}
     if preset:
         values.update({k: v for k, v in read_preset(preset).items() if k in values})
     return values
@@ -184,19 +189,16 @@ def parse_quietly(argv: list[str]):
 def check_argv(argv: list[str], method: str, values: dict):
     """Parse `argv` with the CLI's own parser and require every value the form shows: the command is the form.
     Returns the parsed (TrainConfig, method config)."""
-    from ..methods import METHODS
-
     train_cfg, method_cfg = parse_quietly(argv[1:])
     parsed = {**vars(train_cfg), **vars(method_cfg)}
-    for option in options_for(method):  # left to the method: what the method says (as the trainer resolves it)
-        if option.method_default and parsed.get(option.name) is None and method in METHODS:
-            parsed[option.name] = getattr(METHODS[method], option.method_default)
     if parsed["method"] != method:
         raise PersonalizeError(f"the command trains {parsed['method']}, the form says {method}")
     for option in options_for(method):
-        wanted = values.get(option.name)
-        if wanted is not None and parsed.get(option.name) != wanted:
-            raise PersonalizeError(f"{option.flag}: the command would mean {parsed.get(option.name)!r}, the form says {wanted!r}")
+        wanted, meant = values.get(option.name), parsed.get(option.name)
+        if meant is None:  # no flag: what the run will use
+            meant = left_alone(option, method)
+        if wanted is not None and meant != wanted:
+            raise PersonalizeError(f"{option.flag}: the command would mean {meant!r}, the form says {wanted!r}")
     return train_cfg, method_cfg
 
 
