@@ -281,6 +281,24 @@ def test_methods_option_keeps_only_the_named_rows(caplog):
     assert "textual-inversion, batex, batex M=8" in caplog.text
 
 
+def test_a_methods_label_no_suite_measures_fails_the_bench_after_writing_what_was_measured(tmp_path, monkeypatch):
+    """A mistyped --methods label must not end as a successful bench with no row of it: the bench names the label,
+    and the rows of the labels that did match are written first."""
+    from personalize.errors import PersonalizeError
+    from personalize.toyworld import bench as B
+
+    def fake_suite(cfg, judge, work):
+        runs = B.select_runs(cfg, "embeddings", [("batex", 1), ("textual-inversion", 2)])
+        return [{"suite": "embeddings", "method": label, "concept": "c", "seed": 0, "text_alignment": v} for label, v in runs]
+
+    monkeypatch.setitem(B.SUITES, "embeddings", fake_suite)
+    B.bench(B.BenchConfig(output=str(tmp_path / "ok"), methods=["batex"]))
+    with pytest.raises(PersonalizeError, match="'batex cosine'.*no row of --suite embeddings") as error:
+        B.bench(B.BenchConfig(output=str(tmp_path / "typo"), methods=["batex", "batex cosine"]))
+    assert "typo/bench.json" in str(error.value)
+    assert [r["method"] for r in json.loads((tmp_path / "typo" / "bench.json").read_text())["rows"]] == ["batex"]
+
+
 def test_the_readme_main_job_learns_the_blue_striped_star(tmp_path):
     """The README's main job (its exact settings and example images) draws the concept with all three traits in at
     least 80 % of 16 samples of "a <concept>", and with a black background asked, concept and background together in

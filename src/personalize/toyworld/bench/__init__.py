@@ -99,6 +99,7 @@ def bench(cfg: BenchConfig) -> list[Path]:
     output = Path(cfg.output)
     work = output / "runs"
     rows: list[dict] = merged_rows(cfg)
+    measured: set[str] = set()  # the row labels this bench measured (not merged), against --methods
     extra: dict = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for suite in cfg.suite:
@@ -107,11 +108,17 @@ def bench(cfg: BenchConfig) -> list[Path]:
         if suite == "lr-sweep":
             result, extra["chosen_rates"] = result
         rows = _unique(rows + result)
+        measured |= {row["method"] for row in result}
         extra.setdefault("suite_minutes", {})[suite] = round((time.monotonic() - suite_started) / 60, 1)
         _write(output, cfg, rows, started, extra)  # after every suite: a long bench that dies keeps what it measured
     if not cfg.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
-    return _write(output, cfg, rows, started, extra)
+    written = _write(output, cfg, rows, started, extra)
+    unknown = [label for label in cfg.methods if label not in measured]
+    if unknown:  # a mistyped label would otherwise end "successfully" with no row of it
+        raise PersonalizeError(f"--methods {', '.join(map(repr, unknown))}: no row of --suite {' '.join(cfg.suite)} has this label "
+                               f"(the log above lists each suite's rows); {written[0]} holds the rows that were measured")
+    return written
 
 
 # What must agree for two benches' rows to share a table: the model, how it is sampled and how long runs train.
