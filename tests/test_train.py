@@ -97,6 +97,43 @@ def test_mirrors_are_the_methods_default_unless_asked_and_config_records_what_ra
     assert yaml.safe_load((out / "config.yaml").read_text())["flip"] is mirrors
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_distinct_batch_holds_each_image_once_until_all_were_drawn_and_mirrors_each_half_the_time(flip):
+    """--batch-draw distinct: a batch of 4 from 5 images never repeats one (the independent draw does, often);
+    a batch of 7 holds all 5 once before any twice; with mirrors each row is the mirror about half the time."""
+    from personalize.latents import LatentCache
+
+    pixels = [torch.full((3, 32, 32), float(i) / 5) for i in range(5)]
+    backbone = load_backbone("tiny")
+    distinct, independent = (LatentCache(backbone, pixels, flip, "cpu", distinct=d) for d in (True, False))
+    g = torch.Generator().manual_seed(0)
+    batches = [distinct.sample(4, g)[1] for _ in range(200)]
+    assert all(len(set(b.tolist())) == 4 for b in batches)
+    assert sum(len(set(independent.sample(4, g)[1].tolist())) < 4 for _ in range(200)) > 100  # 1 - 5·4·3·2/5⁴ = 0.81
+    for _ in range(50):
+        counts = torch.bincount(distinct.sample(7, g)[1], minlength=5)
+        assert counts.min() == 1 and counts.max() == 2
+    mirrored = []
+    for _ in range(200):
+        distinct.sample(4, g)
+        mirrored.append(distinct.last_flipped.float())
+    assert torch.cat(mirrored).mean().item() == (pytest.approx(0.5, abs=0.05) if flip else 0)
+
+
+def test_a_distinct_run_records_its_draw_and_resumes_exactly(tmp_path, monkeypatch):
+    """The draw is part of what ran (config.yaml) and needs no state beyond the generator: a run killed after a
+    checkpoint and resumed ends bit for bit where an uninterrupted one does; and the draw changes what trains."""
+    args = ["--method", "textual-inversion", "--steps", 4, "--checkpointing-steps", 2, "--batch-size", 3]
+    run(base_args(tmp_path / "straight", *args, "--batch-draw", "distinct"))
+    run_killed_at_loss_call(monkeypatch, TextualInversion, 3, base_args(tmp_path / "resumed", *args, "--batch-draw", "distinct"))
+    run(base_args(tmp_path / "resumed", *args, "--batch-draw", "distinct", "--resume", "latest"))
+    assert yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())["batch_draw"] == "distinct"
+    straight = embeds(tmp_path / "straight")["<concept>"]
+    assert torch.equal(straight, embeds(tmp_path / "resumed")["<concept>"])
+    run(base_args(tmp_path / "independent", *args))
+    assert not torch.allclose(straight, embeds(tmp_path / "independent")["<concept>"])
+
+
 def run_killed_at_loss_call(monkeypatch, method_cls, call: int, args) -> None:
     """Run `args` and kill it (KeyboardInterrupt, exit 130) during the `call`-th loss computation."""
     calls = {"n": 0}

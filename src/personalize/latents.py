@@ -54,15 +54,17 @@ class LatentCache:
 
     Images of different sizes (aspect-ratio buckets) are cached per size, and a batch is drawn from one bucket
     only, chosen with probability proportional to its number of images (each counted `repeats` times: a subset's
-    repeats make its images that much more frequent). Foreground masks, when given, are kept at
+    repeats make its images that much more frequent). A batch's rows are independent draws (an image can come twice),
+    or with `distinct` distinct images while the bucket has enough (`_distinct_rows`). Foreground masks, when given, are kept at
     the latent grid (area-averaged, so edge cells are fractional) and mirrored with their images. After `sample`,
     `last_time_ids` (SDXL) and `last_flipped` describe the rows drawn.
     """
 
     def __init__(self, backbone, pixels: torch.Tensor | list[torch.Tensor], flip: bool, device,
                  masks: torch.Tensor | list[torch.Tensor] | None = None, time_ids: torch.Tensor | None = None,
-                 repeats: list[int] | None = None):
+                 repeats: list[int] | None = None, distinct: bool = False):
         pixels = list(pixels)
+        self.distinct = distinct
         repeats = repeats or [1] * len(pixels)
         by_size: dict[tuple, list[int]] = {}
         for i, p in enumerate(pixels):
@@ -88,7 +90,9 @@ class LatentCache:
         shard = self.shards[0]
         if len(self.shards) > 1:  # one draw more only with buckets: square runs keep their random sequence
             shard = self.shards[int(torch.multinomial(self.weights, 1, generator=generator))]
-        if bool((shard.row_weights == shard.row_weights[0]).all()):  # no repeats: the plain draw, as ever
+        if self.distinct:
+            rows = _distinct_rows(shard, batch_size, generator)
+        elif bool((shard.row_weights == shard.row_weights[0]).all()):  # no repeats: the plain draw, as ever
             rows = torch.randint(0, len(shard.mean), (batch_size,), generator=generator)
         else:
             rows = torch.multinomial(shard.row_weights, batch_size, replacement=True, generator=generator)
@@ -97,6 +101,20 @@ class LatentCache:
         self.last_flipped = rows >= shard.num_images
         self.last_time_ids = shard.time_ids[rows.to(shard.time_ids.device)] if shard.time_ids is not None else None
         return shard.mean[rows] + shard.std[rows] * eps, shard.image_ids[rows], masks
+
+
+def _distinct_rows(shard: _Shard, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch_size` rows of distinct images (a bucket with fewer images repeats them only after each was drawn once),
+    each image's mirror instead with probability ½ where mirrors are cached: what one batch of diffusers' or kohya's
+    shuffled epochs holds, drawn afresh each batch (no epoch state, so a resumed run still draws what an uninterrupted
+    one would). Repeats weight the draw as in the independent one."""
+    n = shard.num_images
+    weights = shard.row_weights[:n]
+    images = torch.cat([torch.multinomial(weights, min(n, batch_size - start), replacement=False, generator=generator)
+                        for start in range(0, batch_size, n)])
+    if len(shard.mean) > n:  # mirrors cached: rows n.. are the mirrors of images 0..n-1
+        images = images + n * (torch.rand(batch_size, generator=generator) < 0.5).long()
+    return images
 
 
 def class_image_cache(cfg: TrainConfig, method_cfg, subsets: list[Subset], concepts: list[Concept], backbone, output: Path,
