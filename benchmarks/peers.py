@@ -849,6 +849,20 @@ def verdict_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def means_table(rows: list[dict], pairs: list[str]) -> str:
+    """Each row of each pair, hypotheses included, as the verdicts read it: the mean over concepts of each concept's
+    mean (so a hypothesis run on the same concepts and seeds compares with its neighbours line by line)."""
+    lines = ["| pair | row | concepts | runs | " + " | ".join(METRICS) + " |", "|---" * (4 + len(METRICS)) + "|"]
+    for pair in pairs:
+        mine = rows_of(rows, pair)
+        for method in dict.fromkeys(r["method"] for r in mine):
+            runs = [r for r in mine if r["method"] == method]
+            concepts = list(dict.fromkeys(r["concept"] for r in runs))
+            means = [statistics.mean(statistics.mean(r[m] for r in runs if r["concept"] == c) for c in concepts) for m in METRICS]
+            lines.append(f"| {pair} | {method} | {len(concepts)} | {len(runs)} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    return "\n".join(lines)
+
+
 def pair_of(row: dict) -> str:
     """The peer a row belongs with: its own `pair`, or (rows written before pairs were recorded) its method's."""
     return row.get("pair") or next(a.name for a in ADAPTERS.values() if row["method"] == a.name or row["method"].startswith(a.ours))

@@ -68,15 +68,43 @@ class Table:
     columns: list[str] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)  # (empty: no claims table)
     only: dict = field(default_factory=dict)  # only the rows with these values (e.g. {"held_out": True})
+    # A row of this table that is another suite's row run once: {label: (suite, method)}, for a configuration two
+    # suites share (BaTex's defaults are the basis-size suite's M = 3d/4 and the distance suite's dot product)
+    same_as: dict = field(default_factory=dict)
 
 
 SI_COLUMNS = ["foreground_alignment", "background_leakage", "clean_foreground", "text_alignment", "edit_keeps_concept",
               "diversity", "esr", "train_seconds"]
 D2B_COLUMNS = ["frechet", "diversity", "keeps_trait", "updates", "train_seconds"]
+EMB12 = "toy-2026-12-07/embeddings-12.json"
 BATEX_COLUMNS = ["image_alignment", "text_alignment", "edit_keeps_concept", "feature_similarity", "train_seconds"]
 EQ = "dreambooth-lora: as many updates as dis2booth"
 SCAN_PAPER, SCAN_CELLS = "dis2booth λ=1e-05 γ=1e-06", ["dis2booth λ=0.001 γ=0.0001", "dis2booth λ=0.1 γ=0.01", "dis2booth λ=1 γ=1"]
 SI_FULL, TI1, TIL = "singleinsert: full (+L_sm)", "textual-inversion (1 image)", "textual-inversion + LoRA (1 image)"
+
+BATEX_CLAIMS = [  # Tables 2 and 5 of the BaTex paper, as the embeddings suite's rows read them
+    Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
+    Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
+    Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]
+INIT_WORD_CLAIMS = [Claim("BaTex beats TI with a less related init word", "Tables 6 / 7: BaTex image 0.88 → 0.88; TI 0.89 → 0.86",
+                          "image_alignment", "batex", "textual-inversion")]
+INIT_WORD_COLUMNS = ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"]
+BASIS_ROWS = ["batex M=16", "batex M=96", "batex M=512"]  # d/8, 3d/4 (the default), 4d at the toy model's d = 128
+BASIS_CLAIMS = [  # Table 4
+    Claim("image alignment rises from M = d/8 to 3d/4", "Table 4: 0.59 (M = 96) → 0.66 (M = 576)", "image_alignment", "batex M=96", "batex M=16"),
+    Claim("… and gains nothing beyond 3d/4 (3d/4 ahead of 4d)", "0.66 at M = 672", "image_alignment", "batex M=96", "batex M=512"),
+    Claim("text alignment slightly higher at M = 3d/4 than d/8", "Table 4: 0.77 → 0.80", "text_alignment", "batex M=96", "batex M=16")]
+DISTANCE_ROWS = ["batex dot", "batex cosine", "batex l2"]  # dot is the default
+DISTANCE_CLAIMS = [  # Figure 7
+    Claim("dot beats L2 on text alignment", "Figure 7: dot above L2", "text_alignment", "batex dot", "batex l2"),
+    Claim("cosine beats L2 on text alignment", "Figure 7: cosine above L2", "text_alignment", "batex cosine", "batex l2"),
+    Claim("dot slightly beats cosine", "\"slightly better\"", "text_alignment", "batex dot", "batex cosine")]
+# BaTex's defaults (M = 3d/4, the dot product) are the embeddings suite's "batex" run, read once on 12 concepts (a rerun
+# of one of its runs as "batex M=96" on 2026-12-07 gave every figure of it bit for bit)
+BATEX_DEFAULT = ("embeddings", "batex")
+SCAN_COLUMNS = ["frechet", "diversity", "keeps_trait", "train_seconds"]
+SCAN_CLAIMS = [Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
+               for cell in SCAN_CELLS for m in ("frechet", "diversity")]
 
 SI_CLAIMS = [  # Tables 1 and 2 of the SingleInsert paper, as the 2.1 rows read them
     Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
@@ -122,33 +150,26 @@ D2B6, D2B6_ABLATIONS, D2B6_MORE = ("toy-2026-12-07/distribution-6.json", "toy-20
 
 TABLES = [
     Table("batex-2.1", ["toy-2026-11-27/embeddings.json"], "embeddings",
-          ["base: full description", "base: init word only", "textual-inversion", "batex"], BATEX_COLUMNS, [
-              Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
-              Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
-              Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]),
+          ["base: full description", "base: init word only", "textual-inversion", "batex"], BATEX_COLUMNS, BATEX_CLAIMS),
     # issue 26: the same claims on the 12 bench concepts (world.BENCH_CONCEPTS), then the rows of each group
-    Table("batex-12-concepts", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS, [
-        Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
-        Claim("… at equal or better image alignment", "Tables 2 / 5: 0.74 vs 0.74, 0.76 vs 0.76", "image_alignment", "batex", "textual-inversion"),
-        Claim("edits keep the concept", "(Table 5's editing prompts)", "edit_keeps_concept", "batex", "textual-inversion")]),
-    Table("batex-12-held-out", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
+    Table("batex-12-concepts", [EMB12], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS, BATEX_CLAIMS),
+    Table("batex-12-held-out", [EMB12], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
           only={"held_out": True}),
-    Table("batex-12-nameable", ["toy-2026-12-07/embeddings-12.json"], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
+    Table("batex-12-nameable", [EMB12], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
           only={"held_out": False}),
     Table("batex-init-word-2.1", ["toy-2026-11-27/init-word.json"], "init-word",
-          ["textual-inversion", "batex"], ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"], [
-              Claim("BaTex beats TI with a less related init word", "Tables 6 / 7: BaTex image 0.88 → 0.88; TI 0.89 → 0.86",
-                    "image_alignment", "batex", "textual-inversion")]),
+          ["textual-inversion", "batex"], ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"], INIT_WORD_CLAIMS),
     Table("batex-basis-size-2.1", ["toy-2026-12-05/basis-size.json"], "basis-size",
-          ["batex M=16", "batex M=96", "batex M=512"], BATEX_COLUMNS, [
-              Claim("image alignment rises from M = d/8 to 3d/4", "Table 4: 0.59 (M = 96) → 0.66 (M = 576)", "image_alignment", "batex M=96", "batex M=16"),
-              Claim("… and gains nothing beyond 3d/4 (3d/4 ahead of 4d)", "0.66 at M = 672", "image_alignment", "batex M=96", "batex M=512"),
-              Claim("text alignment slightly higher at M = 3d/4 than d/8", "Table 4: 0.77 → 0.80", "text_alignment", "batex M=96", "batex M=16")]),
+          BASIS_ROWS, BATEX_COLUMNS, BASIS_CLAIMS),
     Table("batex-distance-2.1", ["toy-2026-12-05/distance.json"], "distance",
-          ["batex dot", "batex cosine", "batex l2"], BATEX_COLUMNS, [
-              Claim("dot beats L2 on text alignment", "Figure 7: dot above L2", "text_alignment", "batex dot", "batex l2"),
-              Claim("cosine beats L2 on text alignment", "Figure 7: cosine above L2", "text_alignment", "batex cosine", "batex l2"),
-              Claim("dot slightly beats cosine", "\"slightly better\"", "text_alignment", "batex dot", "batex cosine")]),
+          DISTANCE_ROWS, BATEX_COLUMNS, DISTANCE_CLAIMS),
+    # issue 26: init word, basis size and distance on the 12 bench concepts × 2 seeds
+    Table("batex-init-word-12-concepts", ["toy-2026-12-07/init-word-12.json"], "init-word", ["textual-inversion", "batex"],
+          INIT_WORD_COLUMNS, INIT_WORD_CLAIMS),
+    Table("batex-basis-size-12-concepts", ["toy-2026-12-07/basis-size-12.json", EMB12], "basis-size", BASIS_ROWS, BATEX_COLUMNS,
+          BASIS_CLAIMS, same_as={"batex M=96": BATEX_DEFAULT}),
+    Table("batex-distance-12-concepts", ["toy-2026-12-07/distance-12.json", EMB12], "distance", DISTANCE_ROWS, BATEX_COLUMNS,
+          DISTANCE_CLAIMS, same_as={"batex dot": BATEX_DEFAULT}),
     Table("singleinsert-2.1", ["toy-2026-11-27/singleinsert.json"], "singleinsert",
           [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, "singleinsert: stage I only"],
           SI_COLUMNS, SI_CLAIMS),
@@ -183,15 +204,16 @@ TABLES = [
            "dis2booth: synchronous", "dis2booth: folded schedule"], D2B_COLUMNS, [
               *D2B_ABLATION_CLAIMS, *D2B_FOLDED_CLAIMS]),
     Table("dis2booth-scan-2.1", ["toy-2026-12-05/dis2booth-scan.json"], "dis2booth-scan",
-          [SCAN_PAPER, *SCAN_CELLS], ["frechet", "diversity", "keeps_trait", "train_seconds"], [
-              Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
-              for cell in SCAN_CELLS for m in ("frechet", "diversity")]),
+          [SCAN_PAPER, *SCAN_CELLS], SCAN_COLUMNS, SCAN_CLAIMS),
     Table("dis2booth-equal-updates-2.1", ["toy-2026-12-06/distribution-equal-updates.json"], "distribution",
           ["dis2booth", "dis2booth: synchronous", "dreambooth-lora", EQ, "base: class word", "real renders (the floor)"], D2B_COLUMNS,
           on_three_columns([("Dis²Booth beats DreamBooth-LoRA, 120 updates", "Table 1's comparison", "dis2booth", "dreambooth-lora"),
                             AT_EQUAL_UPDATES, MORE_UPDATES,
                             ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper",
                              "dis2booth: synchronous", "dreambooth-lora")])),
+    # issue 26: the scan on the 6 categories × 2 seeds; the paper's cell is the distribution suite's Dis²Booth run
+    Table("dis2booth-scan-6-categories", ["toy-2026-12-07/dis2booth-scan-6.json", D2B6], "dis2booth-scan", [SCAN_PAPER, *SCAN_CELLS],
+          SCAN_COLUMNS, SCAN_CLAIMS, same_as={SCAN_PAPER: ("distribution", "dis2booth")}),
     # issue 26: the equal-updates comparisons and our folded schedule on the 6 categories × 2 seeds
     Table("dis2booth-equal-updates-6-categories", [D2B6, D2B6_MORE], "distribution",
           ["dis2booth", "dreambooth-lora", EQ, "dis2booth: folded schedule"], D2B_COLUMNS,
@@ -215,10 +237,14 @@ def load_rows(name: str) -> list[dict]:
 
 
 def _table_rows(table: Table) -> list[dict]:
-    """The rows of the table's suite from its files; a method is taken from the first file that has it."""
+    """The rows of the table's suite from its files; a method is taken from the first file that has it. A `same_as`
+    row is the other suite's row under this table's label."""
     out, seen = [], set()
+    alias = {source: label for label, source in table.same_as.items()}
     for name in table.files:
-        rows = [r for r in load_rows(name) if r["suite"] == table.suite and all(r.get(k) == v for k, v in table.only.items())]
+        rows = [{**r, "suite": table.suite, "method": alias[(r["suite"], r["method"])]} if (r["suite"], r["method"]) in alias else r
+                for r in load_rows(name)]
+        rows = [r for r in rows if r["suite"] == table.suite and all(r.get(k) == v for k, v in table.only.items())]
         fresh = {r["method"] for r in rows} - seen
         out += [r for r in rows if r["method"] in fresh]
         seen |= fresh
@@ -343,6 +369,7 @@ def regions() -> dict[str, str]:
            "peers-kohya-2026-12-07": "\n\n".join(peers.per_run_table(peers.read_rows(RESULTS / "peers-2026-12-07", pair))
                                                    for pair in ("kohya-ti", "kohya-lora")),
            "peers-verdicts-2026-12-07": peers.verdict_table(peers.read_rows(RESULTS / "peers-2026-12-07")),
+           "peers-leads-2026-12-07": peers.means_table(peers.read_rows(RESULTS / "peers-2026-12-07"), ["kohya-lora", "batex-official"]),
            "rounding-2026-12-07": rounding.tables(RESULTS / "rounding-2026-12-07"),
            "sensitivity-2026-12-07": sensitivity.table(RESULTS / "sensitivity-2026-12-07"),
            "peers-speed-2026-12-07": peers.speed_table(peers.read_speed(RESULTS / "peers-2026-12-07")),

@@ -59,3 +59,14 @@ def test_every_verdict_in_the_tables_follows_the_concept_level_rule(tables):
     assert all(c["p_holm"] >= 0.05 for c in decided if c["verdict"] == "inside noise" and c["p_holm"] is not None)
     batex = [c for c in decided if tables.PAPER_OF_SUITE[c["suite"]] == "BaTex"]
     assert {c["family_size"] for c in batex} == {len(batex)}
+
+
+def test_a_row_two_suites_share_is_read_once_under_each_tables_label(tables):
+    """BaTex's default run is the basis-size table's M = 3d/4 row and the distance table's dot row: the embeddings
+    suite's "batex" rows under that label, and none of that file's other rows."""
+    table = tables.Table("t", [tables.EMB12], "basis-size", same_as={"batex M=96": tables.BATEX_DEFAULT})
+    rows = tables._table_rows(table)
+    embeddings = [r for r in tables.load_rows(tables.EMB12) if r["method"] == "batex"]
+    assert len(rows) == len(embeddings) == 24
+    assert {(r["suite"], r["method"]) for r in rows} == {("basis-size", "batex M=96")}
+    assert sorted(r["image_alignment"] for r in rows) == sorted(r["image_alignment"] for r in embeddings)
