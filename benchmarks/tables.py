@@ -122,6 +122,9 @@ SI12_COLUMNS = [c for c in SI_COLUMNS if c != "esr"]
 SI12_CLAIMS = [c for c in SI_CLAIMS if c.b != "singleinsert: stage I only"]
 SI12_CLAIMS.insert(4, Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)",
                             "edit_keeps_concept", SI_FULL, "singleinsert: +L_fg +L_bg"))
+SI_OFFICIAL_REFERENCE = "singleinsert: official semantic reference"
+OFFICIAL_REFERENCE_CLAIM = Claim("(ours) the official semantic reference differs from the paper's", "—", "edit_keeps_concept",
+                                 SI_OFFICIAL_REFERENCE, SI_FULL)
 D2B_CLAIMS = [  # Table 1 of the Dis²Booth paper, as the distribution suite's rows read it
     Claim("closer to the category than DreamBooth-LoRA", "Table 1: FID 27.63 vs 32.50, 58.15 vs 112.27", "frechet", "dis2booth", "dreambooth-lora", False),
     Claim("more diverse than DreamBooth-LoRA", "LPIPS 0.5356 vs 0.5276, 0.5189 vs 0.5022", "diversity", "dis2booth", "dreambooth-lora"),
@@ -179,14 +182,16 @@ TABLES = [
     Table("singleinsert-12-concepts", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, SI12_CLAIMS),
     Table("singleinsert-12-held-out", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, only={"held_out": True}),
     Table("singleinsert-12-nameable", [SI12], "singleinsert", SI12_ROWS, SI12_COLUMNS, only={"held_out": False}),
+    # issue 26: the official code's L_sm reference on the 12 bench concepts × 2 seeds, against the full method's rows above
+    Table("singleinsert-reference-12-concepts", ["toy-2026-12-07/singleinsert-reference-12.json", SI12], "singleinsert",
+          [SI_FULL, SI_OFFICIAL_REFERENCE], SI12_COLUMNS, [OFFICIAL_REFERENCE_CLAIM]),
     Table("singleinsert-encoder-reference-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json"], "singleinsert",
           [SI_FULL, "singleinsert: full, ViT encoder (from scratch)", "singleinsert: official semantic reference", TIL],
           SI_COLUMNS[:2] + ["clean_foreground", "edit_keeps_concept", "diversity", "esr", "feature_similarity", "train_seconds"], [
               Claim("the ViT encoder edges the CNN on foreground fidelity", "Table 3: CLIP-I-f 0.857 vs 0.839 (pretrained)",
                     "foreground_alignment", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
               Claim("… and on editability", "Table 3: ESR 0.845 vs 0.820", "esr", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
-              Claim("(ours) the official semantic reference differs from the paper's", "—", "edit_keeps_concept",
-                    "singleinsert: official semantic reference", SI_FULL)]),
+              OFFICIAL_REFERENCE_CLAIM]),
     Table("singleinsert-compositions-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json", "toy-2026-11-27/singleinsert.json"],
           "singleinsert-composition", [SI_FULL, TIL, TI1], ["both_drawn", "two_objects"], [
               Claim("two concepts trained apart compose better than with TI+LoRA", "\"beyond BreakAScene\" (no table)", "both_drawn", SI_FULL, TIL),
