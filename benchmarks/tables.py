@@ -161,7 +161,7 @@ TABLES = [
     Table("batex-12-nameable", [EMB12], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS,
           only={"held_out": False}),
     Table("batex-init-word-2.1", ["toy-2026-11-27/init-word.json"], "init-word",
-          ["textual-inversion", "batex"], ["image_alignment", "text_alignment", "edit_keeps_concept", "train_seconds"], INIT_WORD_CLAIMS),
+          ["textual-inversion", "batex"], INIT_WORD_COLUMNS, INIT_WORD_CLAIMS),
     Table("batex-basis-size-2.1", ["toy-2026-12-05/basis-size.json"], "basis-size",
           BASIS_ROWS, BATEX_COLUMNS, BASIS_CLAIMS),
     Table("batex-distance-2.1", ["toy-2026-12-05/distance.json"], "distance",
