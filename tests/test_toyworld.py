@@ -505,3 +505,13 @@ def test_the_bench_vit_encoder_is_one_fixed_init_that_singleinsert_loads(tmp_pat
     params = sum(p.numel() for p in first.parameters())
     assert 0.5 < params / sum(p.numel() for p in SmallCNN().parameters()) < 2  # the CNN's size: architecture, not scale
     assert first(torch.zeros(2, 3, 64, 64)).shape == (2, 128)
+
+
+def test_compositions_pair_each_concept_with_the_next_round_a_ring():
+    from personalize.toyworld.bench.singleinsert import composition_pairs
+
+    assert composition_pairs([0, 1, 2]) == [(0, 1), (1, 2), (0, 2)]  # the 2.1 rows' three pairs
+    pairs = composition_pairs(list(range(12)))
+    assert len(pairs) == len(set(pairs)) == 12
+    assert all(sum(i in pair for pair in pairs) == 2 for i in range(12))
+    assert composition_pairs([3, 7]) == [(3, 7)] and composition_pairs([5]) == []

@@ -109,12 +109,20 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
     return rows
 
 
+def composition_pairs(indices: list[int]) -> list[tuple[int, int]]:
+    """Each concept with the next one round a ring: n pairs for n ≥ 3 concepts, every concept in two of them (on 3
+    concepts (0, 1), (1, 2), (0, 2), the pairs the 2.1 rows were measured on); the lower index is named first."""
+    ring = [(indices[k], indices[(k + 1) % len(indices)]) for k in range(len(indices))] if len(indices) > 2 else [tuple(indices)]
+    return [tuple(sorted(pair)) for pair in ring if len(set(pair)) == 2]
+
+
 def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
     """Two single-image concepts trained apart, loaded together: "a S1 next to a S2" must show both."""
     rows, sample = [], Sampler(cfg)
+    trained = sorted({index for _, index, _ in runs_of})
     for label in COMPOSED:
         for seed in run_seeds(cfg):
-            for a, b in ((0, 1), (1, 2), (0, 2)):
+            for a, b in composition_pairs(trained):
                 if (label, a, seed) not in runs_of or (label, b, seed) not in runs_of:
                     continue
                 (out_a, subject_a, traits_a), (out_b, subject_b, traits_b) = runs_of[(label, a, seed)], runs_of[(label, b, seed)]
