@@ -106,22 +106,35 @@ SCAN_COLUMNS = ["frechet", "diversity", "keeps_trait", "train_seconds"]
 SCAN_CLAIMS = [Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
                for cell in SCAN_CELLS for m in ("frechet", "diversity")]
 
+STAGE_ONE_CLAIM = Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL,
+                        "singleinsert: stage I only", False)
 SI_CLAIMS = [  # Tables 1 and 2 of the SingleInsert paper, as the 2.1 rows read them
     Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
     Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
     Claim("L_sm lowers it further", "CLIP-I-b 0.591 → 0.465", "background_leakage", SI_FULL, "singleinsert: +L_fg +L_bg", False),
     Claim("L_sm restores editing", "CLIP-T 0.251 → 0.316, ESR 0.655 → 0.810", "text_alignment", SI_FULL, "singleinsert: +L_fg +L_bg"),
     Claim("the full method leaks less than plain reconstruction", "CLIP-I-b 0.981 → 0.465", "background_leakage", SI_FULL, "singleinsert: baseline", False),
-    Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL, "singleinsert: stage I only", False),
+    STAGE_ONE_CLAIM,
     Claim("edits keep the concept better than TI+DB", "Table 1: ESR 0.825 vs 0.480", "edit_keeps_concept", SI_FULL, TIL),
     Claim("a cleaner foreground than TI", "Table 1: CLIP-I-f 0.857 vs 0.758", "clean_foreground", SI_FULL, TI1)]
 SI12 = "toy-2026-12-07/singleinsert-12.json"
 SI12_ROWS = [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL]
 SI12_COLUMNS = [c for c in SI_COLUMNS if c != "esr"]
 # The same claims without the Stage-I row's (not run), and L_sm's editing also on the column that does not saturate.
-SI12_CLAIMS = [c for c in SI_CLAIMS if c.b != "singleinsert: stage I only"]
+SI12_CLAIMS = [c for c in SI_CLAIMS if c is not STAGE_ONE_CLAIM]
 SI12_CLAIMS.insert(4, Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)",
                             "edit_keeps_concept", SI_FULL, "singleinsert: +L_fg +L_bg"))
+SI_STAGE_ONE, SI_VIT = "singleinsert: stage I only", "singleinsert: full, ViT encoder (from scratch)"
+VIT_CLAIMS = [  # Table 3 (a pretrained ViT-B/32 against a pretrained CNN; here both from scratch, see the suite's docstring)
+    Claim("the ViT encoder edges the CNN on foreground fidelity", "Table 3: CLIP-I-f 0.857 vs 0.839 (pretrained)",
+          "foreground_alignment", SI_VIT, SI_FULL),
+    Claim("… and on editability", "Table 3: ESR 0.845 vs 0.820", "esr", SI_VIT, SI_FULL)]
+COMPOSITION_CLAIMS = [
+    Claim("two concepts trained apart compose better than with TI+LoRA", "\"beyond BreakAScene\" (no table)", "both_drawn", SI_FULL, TIL),
+    Claim("… and better than with TI", "(no table)", "both_drawn", SI_FULL, TI1)]
+# issue 26: Stage I, the encoders and the compositions on the 12 bench concepts × 2 seeds, one day, with ESR; the
+# full method, TI and TI+LoRA ran again beside them (one process per seed: a composition needs both concepts' runs)
+SI12_MORE = "toy-2026-12-08/singleinsert-stage-encoder-compositions-12.json"
 SI_OFFICIAL_REFERENCE = "singleinsert: official semantic reference"
 OFFICIAL_REFERENCE_CLAIM = Claim("(ours) the official semantic reference differs from the paper's", "—", "edit_keeps_concept",
                                  SI_OFFICIAL_REFERENCE, SI_FULL)
@@ -140,6 +153,8 @@ D2B_FOLDED_CLAIMS = [  # ours: the paper's Algorithm 1 against folding its Delta
 # Dis²Booth makes 1,000 optimizer updates in 120 iterations where DreamBooth-LoRA makes 120: the comparisons at equal cost
 AT_EQUAL_UPDATES = ("Dis²Booth beats DreamBooth-LoRA, 1,000 updates each", "not in the paper", "dis2booth", EQ)
 MORE_UPDATES = ("DreamBooth-LoRA: 1,000 beats 120 updates", "not in the paper", EQ, "dreambooth-lora")
+SYNCHRONOUS_VS_DB = ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper",
+                     "dis2booth: synchronous", "dreambooth-lora")
 
 
 def on_three_columns(comparisons: list[tuple]) -> list[Claim]:
@@ -188,22 +203,22 @@ TABLES = [
     Table("singleinsert-encoder-reference-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json"], "singleinsert",
           [SI_FULL, "singleinsert: full, ViT encoder (from scratch)", "singleinsert: official semantic reference", TIL],
           SI_COLUMNS[:2] + ["clean_foreground", "edit_keeps_concept", "diversity", "esr", "feature_similarity", "train_seconds"], [
-              Claim("the ViT encoder edges the CNN on foreground fidelity", "Table 3: CLIP-I-f 0.857 vs 0.839 (pretrained)",
-                    "foreground_alignment", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
-              Claim("… and on editability", "Table 3: ESR 0.845 vs 0.820", "esr", "singleinsert: full, ViT encoder (from scratch)", SI_FULL),
-              OFFICIAL_REFERENCE_CLAIM]),
+              *VIT_CLAIMS, OFFICIAL_REFERENCE_CLAIM]),
     Table("singleinsert-compositions-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json", "toy-2026-11-27/singleinsert.json"],
-          "singleinsert-composition", [SI_FULL, TIL, TI1], ["both_drawn", "two_objects"], [
-              Claim("two concepts trained apart compose better than with TI+LoRA", "\"beyond BreakAScene\" (no table)", "both_drawn", SI_FULL, TIL),
-              Claim("… and better than with TI", "(no table)", "both_drawn", SI_FULL, TI1)]),
+          "singleinsert-composition", [SI_FULL, TIL, TI1], ["both_drawn", "two_objects"], COMPOSITION_CLAIMS),
+    Table("singleinsert-stage-encoder-12-concepts", [SI12_MORE], "singleinsert", [TI1, TIL, SI_FULL, SI_STAGE_ONE, SI_VIT], SI_COLUMNS,
+          [STAGE_ONE_CLAIM, Claim("(ours) … on edits that keep the concept", "(the column text alignment saturates here)",
+                                  "edit_keeps_concept", SI_FULL, SI_STAGE_ONE, False), *VIT_CLAIMS]),
+    Table("singleinsert-compositions-12-concepts", [SI12_MORE], "singleinsert-composition", [SI_FULL, TIL, TI1],
+          ["both_drawn", "two_objects"], COMPOSITION_CLAIMS),
     Table("dis2booth-2.1", ["toy-2026-11-27/distribution.json"], "distribution",
           ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", EQ, "dis2booth"], D2B_COLUMNS, D2B_CLAIMS),
     # issue 26: Table 1's comparisons on the 6 categories of world.CATEGORIES (the 3 above and 3 more) × 2 seeds
     Table("dis2booth-6-categories", [D2B6], "distribution",
           ["base: class word", "real renders (the floor)", "textual-inversion", "dreambooth-lora", "dis2booth"], D2B_COLUMNS, D2B_CLAIMS),
     Table("dis2booth-ablations-6-categories", [D2B6, D2B6_ABLATIONS], "distribution",
-          ["dis2booth", "dis2booth: no contextual loss", "dis2booth: no delta loss", "dis2booth: synchronous"], D2B_COLUMNS,
-          D2B_ABLATION_CLAIMS),
+          ["dis2booth", "dis2booth: no contextual loss", "dis2booth: no delta loss", "dis2booth: synchronous", "dreambooth-lora"],
+          D2B_COLUMNS, D2B_ABLATION_CLAIMS + on_three_columns([SYNCHRONOUS_VS_DB])),
     Table("dis2booth-ablations-2.1", ["toy-2026-12-05/distribution-ablations.json"], "distribution",
           ["dis2booth", "base: class word", "real renders (the floor)", "dis2booth: no contextual loss", "dis2booth: no delta loss",
            "dis2booth: synchronous", "dis2booth: folded schedule"], D2B_COLUMNS, [
@@ -213,9 +228,7 @@ TABLES = [
     Table("dis2booth-equal-updates-2.1", ["toy-2026-12-06/distribution-equal-updates.json"], "distribution",
           ["dis2booth", "dis2booth: synchronous", "dreambooth-lora", EQ, "base: class word", "real renders (the floor)"], D2B_COLUMNS,
           on_three_columns([("Dis²Booth beats DreamBooth-LoRA, 120 updates", "Table 1's comparison", "dis2booth", "dreambooth-lora"),
-                            AT_EQUAL_UPDATES, MORE_UPDATES,
-                            ("synchronous Dis²Booth beats DreamBooth-LoRA, 120 updates each", "not in the paper",
-                             "dis2booth: synchronous", "dreambooth-lora")])),
+                            AT_EQUAL_UPDATES, MORE_UPDATES, SYNCHRONOUS_VS_DB])),
     # issue 26: the scan on the 6 categories × 2 seeds; the paper's cell is the distribution suite's Dis²Booth run
     Table("dis2booth-scan-6-categories", ["toy-2026-12-07/dis2booth-scan-6.json", D2B6], "dis2booth-scan", [SCAN_PAPER, *SCAN_CELLS],
           SCAN_COLUMNS, SCAN_CLAIMS, same_as={SCAN_PAPER: ("distribution", "dis2booth")}),
@@ -375,6 +388,9 @@ def regions() -> dict[str, str]:
                                                    for pair in ("kohya-ti", "kohya-lora")),
            "peers-verdicts-2026-12-07": peers.verdict_table(peers.read_rows(RESULTS / "peers-2026-12-07")),
            "peers-leads-2026-12-07": peers.means_table(peers.read_rows(RESULTS / "peers-2026-12-07"), ["kohya-lora", "batex-official"]),
+           # kohya-lora's lead: the 2026-12-07 rows (ours, kohya's, its module coverage) and the 2026-12-08 hypotheses
+           "peers-kohya-lora-leads-2026-12-08": peers.means_table(kohya_lora_rows(), ["kohya-lora"]),
+           "peers-kohya-lora-2026-12-08": peers.per_run_table(kohya_lora_rows()),
            "rounding-2026-12-07": rounding.tables(RESULTS / "rounding-2026-12-07"),
            "sensitivity-2026-12-07": sensitivity.table(RESULTS / "sensitivity-2026-12-07"),
            "peers-speed-2026-12-07": peers.speed_table(peers.read_speed(RESULTS / "peers-2026-12-07")),
@@ -386,6 +402,14 @@ def regions() -> dict[str, str]:
         if table.claims:
             out[f"{table.name}-claims"] = claims_table(table, decided)
     return out
+
+
+def kohya_lora_rows() -> list[dict]:
+    """kohya's LoRA, ours at the default (2026-12-07; a rerun of its first run on 2026-12-08, `rerun-check.jsonl`,
+    read every rate and ‖ΔW‖ the same) and each hypothesis row of ours, of either day."""
+    import peers
+
+    return [r for day in ("2026-12-07", "2026-12-08") for r in peers.read_rows(RESULTS / f"peers-{day}", "kohya-lora")]
 
 
 # -- the README ---------------------------------------------------------------------------------------------------

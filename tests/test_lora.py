@@ -382,3 +382,34 @@ def test_a_lora_in_diffusers_pre_peft_layout_loads_as_a_file_and_acts(tmp_path):
         return torch.tensor(__import__("numpy").asarray(generate_images(backbone, ["a cat"], [0], steps=2)[0]), dtype=torch.float)
 
     assert not torch.equal(image(True), image(False))
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_lora_init_sets_how_A_starts_and_every_adapter_starts_as_the_base_model(init):
+    """gaussian: A ~ N(0, 1/r) (diffusers' scripts); kaiming: A ~ U(±1/√fan_in) (peft's default, kohya's); B = 0."""
+    backbone = load_backbone("tiny")
+    backbone.freeze()
+    torch.manual_seed(0)
+    method = DreamBoothLora(DreamBoothLoraConfig(class_word="cat", rank=4, lora_init=init), backbone)
+    downs = [(n, m.lora_A["default"].weight) for n, m in backbone.unet.named_modules() if hasattr(m, "lora_A")]
+    assert downs
+    for name, a in downs:
+        fan_in = a.shape[1]
+        if init == "gaussian":
+            assert abs(a.std().item() - 1 / 4) < 0.25 * 0.15, name
+        else:
+            assert a.abs().max().item() <= fan_in ** -0.5 + 1e-6, name
+            assert abs(a.std().item() - (3 * fan_in) ** -0.5) < 0.2 * (3 * fan_in) ** -0.5, name
+    ups = [m.lora_B["default"].weight for m in backbone.unet.modules() if hasattr(m, "lora_B")]
+    assert all(b.abs().max().item() == 0 for b in ups)
+    assert len(method.lora_params) == 2 * len(downs)
+
+
+def test_lora_init_is_a_train_flag_and_refuses_unknown_values(tmp_path, capsys):
+    common = ["train", "--method", "dreambooth-lora", "--model", "tiny", "--images", str(EXAMPLE_IMAGES), "--class-word", "cat",
+              "--steps", "1", "--resolution", "32", "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--lora-init", "uniform"])
+    assert "kaiming" in capsys.readouterr().err
+    assert not cli.main([*common, "--lora-init", "kaiming"])
+    assert "lora_init: kaiming" in (tmp_path / "run" / "config.yaml").read_text().splitlines()

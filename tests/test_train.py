@@ -120,6 +120,36 @@ def test_a_distinct_batch_holds_each_image_once_until_all_were_drawn_and_mirrors
     assert torch.cat(mirrored).mean().item() == (pytest.approx(0.5, abs=0.05) if flip else 0)
 
 
+def test_a_latent_drawn_once_is_one_posterior_sample_per_row_and_the_same_every_batch():
+    """--latent-draw once (kohya's cached latents): each cached row is one sample of its posterior, drawn from the
+    seed (the same again from the same seed, another from another), and every batch returns exactly it."""
+    from personalize.latents import LatentCache
+
+    pixels = [torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    backbone = load_backbone("tiny")
+    fresh, once, again, other = (LatentCache(backbone, pixels, True, "cpu", draw_once=s) for s in (None, 0, 0, 1))
+    shard = fresh.shards[0]
+    assert (shard.std > 0).all() and (once.shards[0].std == 0).all()
+    assert torch.equal(once.shards[0].mean, again.shards[0].mean)
+    assert not torch.allclose(once.shards[0].mean, other.shards[0].mean)
+    drawn = once.shards[0].mean - shard.mean  # std·ε: a real draw, of the posterior's own scale
+    assert 0.5 < (drawn / shard.std).std().item() < 1.5
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        z, images, _ = once.sample(4, g)
+        rows = images + len(pixels) * once.last_flipped.long()  # mirrors are cached after the images
+        assert torch.equal(z, once.shards[0].mean[rows])
+        assert not torch.equal(fresh.sample(4, g)[0], fresh.sample(4, torch.Generator().manual_seed(9))[0])
+
+
+def test_latent_draw_is_recorded_and_changes_what_trains(tmp_path):
+    args = ["--method", "textual-inversion", "--steps", 2, "--batch-size", 2]
+    run(base_args(tmp_path / "once", *args, "--latent-draw", "once"))
+    run(base_args(tmp_path / "every", *args))
+    assert yaml.safe_load((tmp_path / "once" / "config.yaml").read_text())["latent_draw"] == "once"
+    assert not torch.allclose(embeds(tmp_path / "once")["<concept>"], embeds(tmp_path / "every")["<concept>"])
+
+
 def test_a_distinct_run_records_its_draw_and_resumes_exactly(tmp_path, monkeypatch):
     """The draw is part of what ran (config.yaml) and needs no state beyond the generator: a run killed after a
     checkpoint and resumed ends bit for bit where an uninterrupted one does; and the draw changes what trains."""

@@ -30,7 +30,7 @@ class _Shard:
     """The cached latents of images of one size (one aspect-ratio bucket), with their mirrors after them."""
 
     def __init__(self, backbone, pixels: torch.Tensor, image_ids: list[int], flip: bool, device,
-                 masks: torch.Tensor | None, time_ids: torch.Tensor | None, repeats: list[int]):
+                 masks: torch.Tensor | None, time_ids: torch.Tensor | None, repeats: list[int], draw_once: int | None = None):
         self.num_images = len(pixels)
         self.row_weights = torch.tensor([float(r) for r in repeats] * (2 if flip else 1))  # a subset's repeats
         if flip:
@@ -44,6 +44,9 @@ class _Shard:
             raise PersonalizeError(
                 f"the VAE gave inf/NaN latents (in {backbone.vae.dtype}); SDXL's VAE overflows in fp16: keep it in fp32 "
                 "(--mixed-precision bf16 or no), or use an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix in the model folder")
+        if draw_once is not None:  # one posterior sample per row, kept: every later draw returns it (kohya's cached latents)
+            eps = torch.randn(self.mean.shape, generator=torch.Generator().manual_seed(draw_once)).to(self.mean.device)
+            self.mean, self.std = self.mean + self.std * eps, torch.zeros_like(self.std)
         self.masks = None
         if masks is not None:
             self.masks = torch.nn.functional.interpolate(masks.float(), size=self.mean.shape[-2:], mode="area").to(device)
@@ -55,14 +58,15 @@ class LatentCache:
     Images of different sizes (aspect-ratio buckets) are cached per size, and a batch is drawn from one bucket
     only, chosen with probability proportional to its number of images (each counted `repeats` times: a subset's
     repeats make its images that much more frequent). A batch's rows are independent draws (an image can come twice),
-    or with `distinct` distinct images while the bucket has enough (`_distinct_rows`). Foreground masks, when given, are kept at
+    or with `distinct` distinct images while the bucket has enough (`_distinct_rows`). With `draw_once` (a seed) each
+    row's z is drawn once, when cached, and returned by every batch after. Foreground masks, when given, are kept at
     the latent grid (area-averaged, so edge cells are fractional) and mirrored with their images. After `sample`,
     `last_time_ids` (SDXL) and `last_flipped` describe the rows drawn.
     """
 
     def __init__(self, backbone, pixels: torch.Tensor | list[torch.Tensor], flip: bool, device,
                  masks: torch.Tensor | list[torch.Tensor] | None = None, time_ids: torch.Tensor | None = None,
-                 repeats: list[int] | None = None, distinct: bool = False):
+                 repeats: list[int] | None = None, distinct: bool = False, draw_once: int | None = None):
         pixels = list(pixels)
         self.distinct = distinct
         repeats = repeats or [1] * len(pixels)
@@ -76,7 +80,7 @@ class LatentCache:
             self.shards.append(_Shard(
                 backbone, torch.stack([pixels[i] for i in ids]), ids, flip, device,
                 torch.stack([masks[i] for i in ids]) if masks is not None else None,
-                time_ids[rows] if time_ids is not None else None, [repeats[i] for i in ids]))
+                time_ids[rows] if time_ids is not None else None, [repeats[i] for i in ids], draw_once))
         self.weights = torch.tensor([float(s.row_weights.sum()) for s in self.shards])
         self.num_images = n
 

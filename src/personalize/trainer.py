@@ -79,6 +79,10 @@ class TrainConfig:
         "help": "how a batch picks its images: independent draws (an image can come twice in a batch) or distinct images "
                 "while the bucket has enough, each mirrored with probability 1/2 where the run flips (one batch of "
                 "diffusers' or kohya's shuffled epochs)", "choices": ["independent", "distinct"]})
+    latent_draw: str = field(default="every-step", metadata={
+        "help": "how a training image's latent is drawn from the VAE's posterior: afresh every step (z = mean + std·ε, "
+                "as diffusers' scripts) or once, when the images are encoded (kohya's --cache_latents)",
+        "choices": ["every-step", "once"]})
     buckets: bool = field(default=False, metadata={"help": "aspect-ratio buckets: keep each image's aspect ratio (about resolution² "
                                                             "pixels) instead of a square crop; a batch never mixes buckets (kohya --enable_bucket)",
                                                    "aliases": ["--enable_bucket"]})
@@ -146,7 +150,8 @@ def train(cfg: TrainConfig, method_cfg) -> Path:
     resolution = _given(cfg.resolution, backbone.default_resolution)
     data = training_images(cfg, method_cfg, backbone, resolution)
     cache = LatentCache(backbone, [im.pixels for im in data.images], cfg.flip, device, data.masks,
-                        backbone.training_time_ids(data.images, cfg.flip), data.repeats, distinct=cfg.batch_draw == "distinct")
+                        backbone.training_time_ids(data.images, cfg.flip), data.repeats, distinct=cfg.batch_draw == "distinct",
+                        draw_once=cfg.seed if cfg.latent_draw == "once" else None)
     with accelerator.main_process_first():  # the main process draws missing class images, the others then read them
         class_cache, class_concepts = class_image_cache(cfg, method_cfg, data.subsets, data.concepts, backbone, output,
                                                         resolution, device)

@@ -24,7 +24,7 @@ from ..errors import PersonalizeError
 from ..export import run_name
 from ..howto import write_howto
 from ..losses import denoise, per_sample_loss
-from ..lora import TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora, kohya_metadata, save_diffusers_lora, save_kohya_lora
+from ..lora import LORA_INITS, TEXT_TARGETS, UNET_TARGETS, adapter_state, add_lora, kohya_metadata, save_diffusers_lora, save_kohya_lora
 from .base import Batch, Concept, Method
 
 
@@ -36,6 +36,9 @@ class DreamBoothLoraConfig:
     class_prompt: str = field(default="a photo of a {class_word}", metadata={"help": "prompt of the prior-preservation class images"})
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank, i.e. scale 1)"})
+    lora_init: str = field(default="gaussian", metadata={
+        "help": "how LoRA's A starts: gaussian N(0, 1/r) as diffusers' scripts; kaiming as peft's default and kohya's",
+        "choices": list(LORA_INITS)})
     target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS), metadata={"help": "UNet modules that get LoRA"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also put LoRA on the text encoders' attention"})
     prior_preservation: bool = field(default=False, metadata={"help": "add DreamBooth's class-prior loss"})
@@ -82,10 +85,12 @@ class DreamBoothLora(Method):
         self.config, self.backbone = config, backbone
         self.lora_params = torch.nn.ParameterDict()
         for adapter in self.adapters:
-            self._register(adapter, "unet", add_lora(backbone.unet, adapter, config.rank, config.lora_alpha, config.target_modules))
+            self._register(adapter, "unet", add_lora(backbone.unet, adapter, config.rank, config.lora_alpha, config.target_modules,
+                                                     config.lora_init))
             if config.train_text_encoder:
                 for i, encoder in enumerate(backbone.text_encoders):
-                    self._register(adapter, f"text_encoder{'_2' if i else ''}", add_lora(encoder, adapter, config.rank, config.lora_alpha, TEXT_TARGETS))
+                    self._register(adapter, f"text_encoder{'_2' if i else ''}", add_lora(encoder, adapter, config.rank, config.lora_alpha,
+                                                                                             TEXT_TARGETS, config.lora_init))
         # One prompt per training image (its caption, or the instance prompt of its concept), one per class image.
         image_concepts = image_concepts or [0] * len(captions or [None])
         captions = captions or [None] * len(image_concepts)
