@@ -102,6 +102,11 @@ DISTANCE_CLAIMS = [  # Figure 7
 # BaTex's defaults (M = 3d/4, the dot product) are the embeddings suite's "batex" run, read once on 12 concepts (a rerun
 # of one of its runs as "batex M=96" on 2026-12-07 gave every figure of it bit for bit)
 BATEX_DEFAULT = ("embeddings", "batex")
+# issue 26: the paper's "fewer training steps" as a paired claim, on the 12 bench concepts × 2 seeds: both methods
+# trained 100 steps (`--steps 100`: at a constant rate the weights of a 300-step run's step 100), one day
+E100 = "toy-2026-12-08/embeddings-100-steps-12.json"
+CONVERGENCE_CLAIM = Claim("converges faster: ahead of TI on image alignment at step 100 of 300",
+                          "§1 / Figure 1: \"requires fewer training steps\"", "image_alignment", "batex", "textual-inversion")
 SCAN_COLUMNS = ["frechet", "diversity", "keeps_trait", "train_seconds"]
 SCAN_CLAIMS = [Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN[m]})", "the paper scans nothing", m, SCAN_PAPER, cell, m != "frechet")
                for cell in SCAN_CELLS for m in ("frechet", "diversity")]
@@ -188,6 +193,7 @@ TABLES = [
           BASIS_CLAIMS, same_as={"batex M=96": BATEX_DEFAULT}),
     Table("batex-distance-12-concepts", ["toy-2026-12-07/distance-12.json", EMB12], "distance", DISTANCE_ROWS, BATEX_COLUMNS,
           DISTANCE_CLAIMS, same_as={"batex dot": BATEX_DEFAULT}),
+    Table("batex-100-steps-12-concepts", [E100], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS, [CONVERGENCE_CLAIM]),
     Table("singleinsert-2.1", ["toy-2026-11-27/singleinsert.json"], "singleinsert",
           [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, "singleinsert: stage I only"],
           SI_COLUMNS, SI_CLAIMS),
