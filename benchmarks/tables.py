@@ -81,6 +81,7 @@ BATEX_COLUMNS = ["image_alignment", "text_alignment", "edit_keeps_concept", "fea
 EQ = "dreambooth-lora: as many updates as dis2booth"
 SCAN_PAPER, SCAN_CELLS = "dis2booth λ=1e-05 γ=1e-06", ["dis2booth λ=0.001 γ=0.0001", "dis2booth λ=0.1 γ=0.01", "dis2booth λ=1 γ=1"]
 SI_FULL, TI1, TIL = "singleinsert: full (+L_sm)", "textual-inversion (1 image)", "textual-inversion + LoRA (1 image)"
+SI_STAGE_ONE, SI_VIT = "singleinsert: stage I only", "singleinsert: full, ViT encoder (from scratch)"
 
 BATEX_CLAIMS = [  # Tables 2 and 5 of the BaTex paper, as the embeddings suite's rows read them
     Claim("better text alignment than TI", "Tables 2 / 5: CLIP-T 0.76 vs 0.70, 0.75 vs 0.66", "text_alignment", "batex", "textual-inversion"),
@@ -112,7 +113,7 @@ SCAN_CLAIMS = [Claim(f"the paper's weights beat {cell.split(' ', 1)[1]} ({COLUMN
                for cell in SCAN_CELLS for m in ("frechet", "diversity")]
 
 STAGE_ONE_CLAIM = Claim("Stage II edits slightly less than Stage I", "Table 1: CLIP-T 0.311 vs 0.317", "text_alignment", SI_FULL,
-                        "singleinsert: stage I only", False)
+                        SI_STAGE_ONE, False)
 SI_CLAIMS = [  # Tables 1 and 2 of the SingleInsert paper, as the 2.1 rows read them
     Claim("L_fg lowers background leakage", "Table 2, Stage II: CLIP-I-b 0.981 → 0.768", "background_leakage", "singleinsert: +L_fg", "singleinsert: baseline", False),
     Claim("L_bg lowers it further", "CLIP-I-b 0.768 → 0.591", "background_leakage", "singleinsert: +L_fg +L_bg", "singleinsert: +L_fg", False),
@@ -129,7 +130,6 @@ SI12_COLUMNS = [c for c in SI_COLUMNS if c != "esr"]
 SI12_CLAIMS = [c for c in SI_CLAIMS if c is not STAGE_ONE_CLAIM]
 SI12_CLAIMS.insert(4, Claim("(ours) … and edits that keep the concept", "(the column text alignment saturates here)",
                             "edit_keeps_concept", SI_FULL, "singleinsert: +L_fg +L_bg"))
-SI_STAGE_ONE, SI_VIT = "singleinsert: stage I only", "singleinsert: full, ViT encoder (from scratch)"
 VIT_CLAIMS = [  # Table 3 (a pretrained ViT-B/32 against a pretrained CNN; here both from scratch, see the suite's docstring)
     Claim("the ViT encoder edges the CNN on foreground fidelity", "Table 3: CLIP-I-f 0.857 vs 0.839 (pretrained)",
           "foreground_alignment", SI_VIT, SI_FULL),
@@ -195,7 +195,7 @@ TABLES = [
           DISTANCE_CLAIMS, same_as={"batex dot": BATEX_DEFAULT}),
     Table("batex-100-steps-12-concepts", [E100], "embeddings", ["textual-inversion", "batex"], BATEX_COLUMNS, [CONVERGENCE_CLAIM]),
     Table("singleinsert-2.1", ["toy-2026-11-27/singleinsert.json"], "singleinsert",
-          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, "singleinsert: stage I only"],
+          [TI1, TIL, "singleinsert: baseline", "singleinsert: +L_fg", "singleinsert: +L_fg +L_bg", SI_FULL, SI_STAGE_ONE],
           SI_COLUMNS, SI_CLAIMS),
     # issue 26: the loss ablation and Table 1's comparisons on the 12 bench concepts, at the predicted vector's new
     # default norm (5 × the vocabulary's mean; the 2.1 rows above ran at 1 ×); no Stage-I row (its claim reads text
@@ -207,7 +207,7 @@ TABLES = [
     Table("singleinsert-reference-12-concepts", ["toy-2026-12-07/singleinsert-reference-12.json", SI12], "singleinsert",
           [SI_FULL, SI_OFFICIAL_REFERENCE], SI12_COLUMNS, [OFFICIAL_REFERENCE_CLAIM]),
     Table("singleinsert-encoder-reference-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json"], "singleinsert",
-          [SI_FULL, "singleinsert: full, ViT encoder (from scratch)", "singleinsert: official semantic reference", TIL],
+          [SI_FULL, SI_VIT, SI_OFFICIAL_REFERENCE, TIL],
           SI_COLUMNS[:2] + ["clean_foreground", "edit_keeps_concept", "diversity", "esr", "feature_similarity", "train_seconds"], [
               *VIT_CLAIMS, OFFICIAL_REFERENCE_CLAIM]),
     Table("singleinsert-compositions-2.1", ["toy-2026-12-06/singleinsert-encoder-reference-compositions.json", "toy-2026-11-27/singleinsert.json"],

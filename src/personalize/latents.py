@@ -100,6 +100,7 @@ class LatentCache:
             rows = torch.randint(0, len(shard.mean), (batch_size,), generator=generator)
         else:
             rows = torch.multinomial(shard.row_weights, batch_size, replacement=True, generator=generator)
+        # ε is drawn even where the draw was made once (std 0): the run's random stream stays the same either way
         eps = torch.randn(shard.mean[rows].shape, generator=generator).to(shard.mean.device)
         masks = shard.masks[rows.to(shard.masks.device)] if shard.masks is not None else None
         self.last_flipped = rows >= shard.num_images

@@ -112,8 +112,9 @@ def suite_singleinsert(cfg: BenchConfig, judge, work: Path) -> list[dict]:
 def composition_pairs(indices: list[int]) -> list[tuple[int, int]]:
     """Each concept with the next one round a ring: n pairs for n ≥ 3 concepts, every concept in two of them (on 3
     concepts (0, 1), (1, 2), (0, 2), the pairs the 2.1 rows were measured on); the lower index is named first."""
-    ring = [(indices[k], indices[(k + 1) % len(indices)]) for k in range(len(indices))] if len(indices) > 2 else [tuple(indices)]
-    return [tuple(sorted(pair)) for pair in ring if len(set(pair)) == 2]
+    if len(indices) < 3:  # a ring of two is one pair; of one, none
+        return [tuple(indices)] if len(indices) == 2 else []
+    return [tuple(sorted((a, b))) for a, b in zip(indices, indices[1:] + indices[:1])]
 
 
 def _compositions(cfg: BenchConfig, judge, runs_of: dict) -> list[dict]:
