@@ -1,7 +1,7 @@
 """Peers: our trainers against other projects' trainers, run from their own unmodified source, on the toy world.
 
-For each pair (ours, a peer) both train on the toy world's held-out concepts (`world.HELD_OUT`, the same five
-renders per concept the bench's `embeddings` suite uses) at equal images, steps, batch, learning rate (scaled by the
+For each pair (ours, a peer) both train on the bench's concepts (`world.BENCH_CONCEPTS[:--concepts]`: the 3
+held-out ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings` suite uses) at equal images, steps, batch, learning rate (scaled by the
 batch in both), resolution and precision, ≥ 3 concepts × 3 seeds; every artefact is drawn by our sampler with the
 same seeds and read by the toy judge (`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six
 edits of `edit_list` obeyed and kept), and the rows are compared with the bench's own paired verdicts
@@ -564,7 +564,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="results folder (default benchmarks/results/peers-<date>)")
     parser.add_argument("--work", default=os.environ.get("PEERS_WORK", "/tmp/personalize-peers"),
                         help="scratch folder for images, patched peer copies and run folders (outside the repository)")
-    parser.add_argument("--concepts", type=int, default=3)
+    parser.add_argument("--concepts", type=int, default=3,
+                        help="the first N of the bench's concepts (world.BENCH_CONCEPTS: the 3 held-out first, up to 12)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
@@ -598,7 +599,7 @@ def main(argv=None) -> int:
     from personalize.evaluate.toy import background_leakage
     from personalize.toyworld.bench.common import BenchConfig, concept_name, concept_traits, measure_embedding
     from personalize.toyworld.judge import ToyJudge
-    from personalize.toyworld.world import HELD_OUT
+    from personalize.toyworld.world import BENCH_CONCEPTS
 
     peers = dict(p.split("=", 1) for p in args.peer)
     unknown = set(peers) - set(ADAPTERS)
@@ -639,7 +640,7 @@ def main(argv=None) -> int:
         base_rates(cfg, judge, [ADAPTERS[name] for name in peers], args.concepts, output)
         print(report(output))
         return 0
-    for seed, concept in [(s, c) for s in range(args.seeds) for c in HELD_OUT[: args.concepts]]:  # seed-major: every
+    for seed, concept in [(s, c) for s in range(args.seeds) for c in BENCH_CONCEPTS[: args.concepts]]:  # seed-major: every
         traits, cname = concept_traits(concept), concept_name(concept_traits(concept))  # concept early, for the sign test
         sides = [(adapter, side, label) for adapter in map(ADAPTERS.get, peers)
                  for side, label in (("ours", adapter.ours + (f" [{args.ours_args}]" if extra else "")), (adapter.name, adapter.name))
@@ -687,11 +688,11 @@ def base_rates(cfg, judge, adapters: list, concepts: int, output: Path) -> None:
     read against this, not against 0."""
     from personalize.evaluate.toy import background_leakage
     from personalize.toyworld.bench.common import Sampler, concept_name, concept_traits, load_model
-    from personalize.toyworld.world import HELD_OUT
+    from personalize.toyworld.world import BENCH_CONCEPTS
 
     model, sample, rows = load_model(cfg), Sampler(cfg), []
     for background in dict.fromkeys(a.source_background for a in adapters if getattr(a, "source_background", None)):
-        for concept in HELD_OUT[:concepts]:
+        for concept in BENCH_CONCEPTS[:concepts]:
             traits = concept_traits(concept)
             readings = judge.predict(sample(model, f"a {traits['shape']}", cfg.samples))
             rows.append({"concept": concept_name(traits), "prompt": f"a {traits['shape']}", "samples": cfg.samples,
@@ -790,13 +791,22 @@ SOURCE_NAMES = {"diffusers-ti": "diffusers `examples/textual_inversion/textual_i
                 "singleinsert-official": "the SingleInsert paper's code (`train.py`)"}
 
 
-def alternatives_table(output: Path, link: str) -> str:
+def alternatives_table(outputs: list[Path], link: str) -> str:
     """The README's summary, one line per peer: quality on the toy world (ours vs theirs, concept-level verdict) and
     cost at real size (median wall seconds per step, × ours, peak RSS); each cell from the raw rows, `link` the
-    benchmarks/README.md section they are tabulated in."""
+    benchmarks/README.md section they are tabulated in. Verdicts are Holm-corrected over the pair's claims, as in its
+    verdict table. A pair's quality comes from the last of `outputs` (results
+    folders, oldest first) that holds both of its sides: a later run on more concepts replaces an earlier one, never
+    joins it (rows of different days are never paired)."""
     from personalize.toyworld.bench import verdicts
 
-    rows, speed = read_rows(output), read_speed(output)
+    speed = [s for output in outputs for s in read_speed(output)]
+    rows_by_pair = {}
+    for output in outputs:
+        rows = read_rows(output)
+        for name, adapter in ADAPTERS.items():
+            if {r["method"] for r in rows_of(rows, name)} >= {adapter.ours, name}:
+                rows_by_pair[name] = rows_of(rows, name)
     per_step = {}
     for line in speed_table(speed).splitlines()[2:] if speed else []:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -806,10 +816,11 @@ def alternatives_table(output: Path, link: str) -> str:
              "|---|---|---|---|---|---|"]
     for name, adapter in ADAPTERS.items():
         quality = []
-        mine = [r for r in rows_of(rows, name) if r["method"] in (adapter.ours, name)]
+        mine = [r for r in rows_by_pair.get(name, []) if r["method"] in (adapter.ours, name)]
         if {r["method"] for r in mine} == {adapter.ours, name}:
+            decided = {c["metric"]: c for c in verdicts(mine, pair_claims(mine))}  # Holm over the pair's claims, as its table
             for metric in ("image_alignment", "edit_keeps_concept"):
-                (c,) = verdicts(mine, [("peers", metric, adapter.ours, name, True)])
+                c = decided[metric]
                 a = statistics.mean(r[metric] for r in mine if r["method"] == adapter.ours)
                 b = statistics.mean(r[metric] for r in mine if r["method"] == name)
                 quality.append(f"[{a:.2f} vs {b:.2f}]({link}) ({c['concepts']} concepts, {c['runs_a']} + "

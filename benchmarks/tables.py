@@ -35,6 +35,7 @@ from personalize.toyworld.bench.common import saturated  # noqa: E402
 README = HERE / "README.md"
 PROJECT_README = HERE.parent / "README.md"  # its "against the alternatives" table is generated too
 RESULTS = HERE / "results"
+PEERS_12 = "peers-12-2026-12-08"  # the pairs whose 3-concept means left a lead open, on the bench's 12 concepts
 # Rows a file holds that were measured on another day (its "note" says so).
 DAY_OF_ROWS = {("toy-2026-12-06/distribution-equal-updates.json", "dis2booth"): "2026-12-05",
                ("toy-2026-12-06/distribution-equal-updates.json", "dis2booth: synchronous"): "2026-12-05"}
@@ -397,10 +398,16 @@ def regions() -> dict[str, str]:
            # kohya-lora's lead: the 2026-12-07 rows (ours, kohya's, its module coverage) and the 2026-12-08 hypotheses
            "peers-kohya-lora-leads-2026-12-08": peers.means_table(kohya_lora_rows(), ["kohya-lora"]),
            "peers-kohya-lora-2026-12-08": peers.per_run_table(kohya_lora_rows()),
+           # the two pairs whose 3-concept means left a lead open, on the bench's 12 concepts (2 seeds)
+           "peers-12-means-2026-12-08": peers.means_table(peers.read_rows(RESULTS / PEERS_12), ["batex-official", "kohya-lora"]),
+           "peers-12-verdicts-2026-12-08": peers.verdict_table(peers.read_rows(RESULTS / PEERS_12)),
+           "peers-12-batex-2026-12-08": peers.per_run_table(peers.read_rows(RESULTS / PEERS_12, "batex-official")),
+           "peers-12-kohya-lora-2026-12-08": peers.per_run_table(peers.read_rows(RESULTS / PEERS_12, "kohya-lora")),
            "rounding-2026-12-07": rounding.tables(RESULTS / "rounding-2026-12-07"),
            "sensitivity-2026-12-07": sensitivity.table(RESULTS / "sensitivity-2026-12-07"),
            "peers-speed-2026-12-07": peers.speed_table(peers.read_speed(RESULTS / "peers-2026-12-07")),
-           "against-the-alternatives": peers.alternatives_table(RESULTS / "peers-2026-12-07", "benchmarks/README.md#peers-peerspy")}
+           "against-the-alternatives": peers.alternatives_table([RESULTS / "peers-2026-12-07", RESULTS / PEERS_12],
+                                                                "benchmarks/README.md#peers-peerspy")}
     for table in TABLES:
         rows = _table_rows(table)
         if table.rows:

@@ -231,11 +231,24 @@ def test_the_readme_summary_counts_each_sides_runs_and_says_what_was_not_run(pee
              "text_alignment": 1.0, "seconds_per_step": 0.2, "peak_rss_mib": 600.0, "vector_norm": 3.0}
             for m, v, seeds in ((peers.OURS, 0.9, (0, 1, 2)), ("kohya-ti", 0.8, (0, 1))) for c in "abc" for s in seeds]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = {line.split(" | ")[0].strip("| "): line for line in peers.alternatives_table(tmp_path, "L").splitlines()[2:]}
+    lines = {line.split(" | ")[0].strip("| "): line for line in peers.alternatives_table([tmp_path], "L").splitlines()[2:]}
     kohya = lines[peers.SOURCE_NAMES["kohya-ti"]]
     assert "[0.90 vs 0.80](L) (3 concepts, 9 + 6 runs: inside noise)" in kohya and "not measured" in kohya
     assert "not run on the toy model" in lines[peers.SOURCE_NAMES["diffusers-ti"]]
     assert set(lines) == {peers.SOURCE_NAMES[name] for name in peers.ADAPTERS}  # every peer has its line
+
+    # A later folder holding both sides of a pair (more concepts) replaces the earlier figure; one holding only ours
+    # (no partner there) leaves it alone. The verdict is Holm's over the pair's six claims, as in its table: 0-12 is
+    # "reversed" (p 0.00049 × 6); 0-6 would be "inside noise" there (0.031 × 6) though reversed alone.
+    later, ours_only = tmp_path / "later", tmp_path / "ours-only"
+    later.mkdir(), ours_only.mkdir()
+    more = [{**rows[0], "method": m, "concept": c, "seed": 0, "image_alignment": v}
+            for m, v in ((peers.OURS, 0.5), ("kohya-ti", 0.6)) for c in "abcdefghijkl"]
+    (later / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
+    (ours_only / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more if r["method"] == peers.OURS))
+    lines = {line.split(" | ")[0].strip("| "): line
+             for line in peers.alternatives_table([tmp_path, later, ours_only], "L").splitlines()[2:]}
+    assert "[0.50 vs 0.60](L) (12 concepts, 12 + 12 runs: reversed)" in lines[peers.SOURCE_NAMES["kohya-ti"]]
 
 
 def test_the_official_singleinsert_trains_on_the_papers_schedule_on_one_render_and_its_files_load(peers, tmp_path):
@@ -296,3 +309,55 @@ def test_the_base_models_background_rates_are_tabulated_with_their_mean(peers, t
     table = peers.base_table(peers.read_base(tmp_path)).splitlines()
     assert table[2] == '| heart | "a heart" | 16 | pink | 0.25 |' and table[-1] == "| mean | | | | 0.375 |"
     assert peers.read_base(tmp_path / "missing") == [] and peers.base_table([]).count("\n") == 1
+
+
+STAND_IN_WEIGHT_VECTOR = '''
+import torch
+from torch import nn
+
+SCALE = {scale}
+
+
+class WeightVector(nn.Module):
+    """A stand-in for the BaTex paper's WeightVector (same constructor and forward signature): v = SCALE · Vᵀw put at
+    the placeholder's position through a hook on the token embedding (today's transformers has no hand-built path)."""
+
+    def __init__(self, args):
+        super().__init__()
+        weight = torch.zeros([args.mask_k, 1])
+        weight[0] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, text_encoder, input_ids, candidate_embedding_matrix, placeholder_token_id):
+        vector = SCALE * torch.mm(self.weight.t(), candidate_embedding_matrix).squeeze(0)
+
+        def put(module, inputs, output):
+            output = output.clone()
+            output[input_ids == placeholder_token_id] = vector
+            return output
+
+        handle = text_encoder.get_input_embeddings().register_forward_hook(put)
+        try:
+            return text_encoder(input_ids)
+        finally:
+            handle.remove()
+'''
+
+
+def test_the_one_update_check_agrees_with_a_peer_that_computes_the_same_and_not_with_one_that_does_not(tmp_path):
+    """benchmarks/peer_gradient.py's two halves, the peer's played by stand-ins: one computing what BaTex computes
+    reads the same loss and dL/dw as ours; one whose vector is twice as long does not."""
+    check = load_benchmark_script("peer_gradient")
+    batch = tmp_path / "batch.pt"
+    check.ours(batch)
+    results = {}
+    for name, scale in (("same_maths", 1.0), ("twice_the_vector", 2.0)):
+        source = tmp_path / name / f"{name}.py"
+        source.parent.mkdir()
+        source.write_text(STAND_IN_WEIGHT_VECTOR.format(scale=scale))
+        results[name] = check.batex_official(batch, source, check.TOY_MODEL)
+    same, twice = results["same_maths"], results["twice_the_vector"]
+    assert same["same_token_ids"] and same["same_basis"]
+    assert same["loss_theirs"] == pytest.approx(same["loss_ours"], rel=1e-5)
+    assert same["grad_max_abs_difference"] < 1e-3 * same["grad_norm_ours"]
+    assert twice["grad_max_abs_difference"] > 0.1 * twice["grad_norm_ours"]
