@@ -396,8 +396,9 @@ def regions() -> dict[str, str]:
            "peers-verdicts-2026-12-07": peers.verdict_table(peers.read_rows(RESULTS / "peers-2026-12-07")),
            "peers-leads-2026-12-07": peers.means_table(peers.read_rows(RESULTS / "peers-2026-12-07"), ["kohya-lora", "batex-official"]),
            # kohya-lora's lead: the 2026-12-07 rows (ours, kohya's, its module coverage) and the 2026-12-08 hypotheses
-           "peers-kohya-lora-leads-2026-12-08": peers.means_table(kohya_lora_rows(), ["kohya-lora"]),
-           "peers-kohya-lora-2026-12-08": peers.per_run_table(kohya_lora_rows()),
+           "peers-kohya-lora-leads-2026-12-08": peers.means_table(two_day_rows("kohya-lora"), ["kohya-lora"]),
+           "peers-kohya-ti-leads-2026-12-08": peers.means_table(two_day_rows("kohya-ti"), ["kohya-ti"]),
+           "peers-kohya-lora-2026-12-08": peers.per_run_table(two_day_rows("kohya-lora")),
            # the two pairs whose 3-concept means left a lead open, on the bench's 12 concepts (2 seeds)
            "peers-12-means-2026-12-08": peers.means_table(peers.read_rows(RESULTS / PEERS_12), ["batex-official", "kohya-lora"]),
            "peers-12-verdicts-2026-12-08": peers.verdict_table(peers.read_rows(RESULTS / PEERS_12)),
@@ -417,12 +418,12 @@ def regions() -> dict[str, str]:
     return out
 
 
-def kohya_lora_rows() -> list[dict]:
-    """kohya's LoRA, ours at the default (2026-12-07; a rerun of its first run on 2026-12-08, `rerun-check.jsonl`,
-    read every rate and ‖ΔW‖ the same) and each hypothesis row of ours, of either day."""
+def two_day_rows(pair: str) -> list[dict]:
+    """A kohya pair's rows of 2026-12-07 (ours at the default and kohya's) with each hypothesis row of ours, of either
+    day: a rerun of ours' first run of each pair on 2026-12-08 (`rerun-check.jsonl`) read every rate and norm the same."""
     import peers
 
-    return [r for day in ("2026-12-07", "2026-12-08") for r in peers.read_rows(RESULTS / f"peers-{day}", "kohya-lora")]
+    return [r for day in ("2026-12-07", "2026-12-08") for r in peers.read_rows(RESULTS / f"peers-{day}", pair)]
 
 
 # -- the README ---------------------------------------------------------------------------------------------------
