@@ -7,8 +7,8 @@ Two halves, each in its own stack, meeting through one file:
         --source PEERS/BaTex/batex/textual_inversion_regression.py     # its venv (transformers 4.27, diffusers 0.17)
 
 The batch: 4 rows on the toy model (latents z = mean + std·ε of 4 random images, noise, timesteps drawn from one
-seeded generator), prompt "a <concept>", init word "heart", M = 96 by dot product. Ours runs its path (Batex's
-SubspaceVectors through ConceptEmbedding, `Backbone.encode_prompt`, the UNet, mean MSE over the batch). The peer half
+seeded generator), prompt "a <concept>", init word "heart", M = 96 by dot product. Ours runs its trainer's path
+(Batex's SubspaceVectors through ConceptEmbedding, `losses.denoise`, `losses.diffusion_loss`). The peer half
 imports `WeightVector` from the peer's own, unmodified file (its forward builds the CLIP text path by hand) and runs
 what its training loop runs at batch 1 × 4 gradient-accumulation steps: four forwards of one row, each loss divided
 by 4 (accelerate's `backward`). It builds the basis as its script does (top-M of `token_embeds[:-1] @ u`) and prints
@@ -32,6 +32,7 @@ TOKEN, INIT_WORD, BASIS, ROWS = "<concept>", "heart", 96, 4
 
 def ours(out: Path) -> dict:
     from personalize.backbone import load_backbone
+    from personalize.losses import denoise, diffusion_loss
     from personalize.methods.batex import Batex, BatexConfig
 
     backbone = load_backbone("toy")
@@ -40,14 +41,11 @@ def ours(out: Path) -> dict:
     generator = torch.Generator().manual_seed(1)
     mean, std = backbone.encode_images(torch.rand(ROWS, 3, 64, 64, generator=generator) * 2 - 1)
     latents = mean + std * torch.randn(mean.shape, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (ROWS,), generator=generator)
     ids = backbone.tokenize([f"a {TOKEN}"] * ROWS)
-    hidden, pooled = backbone.encode_prompt(ids)
-    prediction = backbone.unet_forward(backbone.add_noise(latents, noise, timesteps), timesteps, hidden, pooled, None)
-    loss = F.mse_loss(prediction.float(), noise.float())
+    step = denoise(backbone, latents, ids, generator)  # the trainer's own step: noise, timesteps, prompt, UNet
+    loss = diffusion_loss(step)
     loss.backward()
-    torch.save({"latents": latents, "noise": noise, "timesteps": timesteps, "ids": ids[0], "loss": loss.item(),
+    torch.save({"latents": latents, "noise": step.noise, "timesteps": step.timesteps, "ids": ids[0], "loss": loss.item(),
                 "grad": source.w.grad.detach().flatten(), "basis_ids": source.basis_ids.flatten()}, out)
     return {"loss": loss.item(), "grad_norm": source.w.grad.norm().item()}
 

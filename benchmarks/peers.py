@@ -1,10 +1,10 @@
 """Peers: our trainers against other projects' trainers, run from their own unmodified source, on the toy world.
 
 For each pair (ours, a peer) both train on the bench's concepts (`world.BENCH_CONCEPTS[:--concepts]`: the 3
-held-out ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings` suite uses) at equal images, steps, batch, learning rate (scaled by the
-batch in both), resolution and precision, ≥ 3 concepts × 3 seeds; every artefact is drawn by our sampler with the
-same seeds and read by the toy judge (`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six
-edits of `edit_list` obeyed and kept), and the rows are compared with the bench's own paired verdicts
+held-out ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings`
+suite uses) at equal images, steps, batch, learning rate (scaled by the batch in both), resolution and precision,
+≥ 3 concepts × 3 seeds; every artefact is drawn by our sampler with the same seeds and read by the toy judge
+(`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six edits of `edit_list` obeyed and kept), and the rows are compared with the bench's own paired verdicts
 (`bench.verdicts` -> `bench.stats`). Per run it also records the wall time per training step (the trainer's own
 progress bar: loop time / steps), the end-to-end wall time, the peak RSS of the training process (CPU) and the norm
 of the learned vector.
@@ -800,9 +800,9 @@ def alternatives_table(outputs: list[Path], link: str) -> str:
     """The README's summary, one line per peer: quality on the toy world (ours vs theirs, concept-level verdict) and
     cost at real size (median wall seconds per step, × ours, peak RSS); each cell from the raw rows, `link` the
     benchmarks/README.md section they are tabulated in. Verdicts are Holm-corrected over the pair's claims, as in its
-    verdict table. A pair's quality comes from the last of `outputs` (results
-    folders, oldest first) that holds both of its sides: a later run on more concepts replaces an earlier one, never
-    joins it (rows of different days are never paired)."""
+    verdict table. A pair's quality comes from the last of `outputs` (results folders, oldest first) that holds both
+    of its sides: a later run on more concepts replaces an earlier one, never joins it (rows of different days are
+    never paired)."""
     from personalize.toyworld.bench import verdicts
 
     speed = [s for output in outputs for s in read_speed(output)]
@@ -810,8 +810,9 @@ def alternatives_table(outputs: list[Path], link: str) -> str:
     for output in outputs:
         rows = read_rows(output)
         for name, adapter in ADAPTERS.items():
-            if {r["method"] for r in rows_of(rows, name)} >= {adapter.ours, name}:
-                rows_by_pair[name] = rows_of(rows, name)
+            pair_rows = rows_of(rows, name)
+            if {r["method"] for r in pair_rows} >= {adapter.ours, name}:
+                rows_by_pair[name] = pair_rows
     per_step = {}
     for line in speed_table(speed).splitlines()[2:] if speed else []:
         cells = [c.strip() for c in line.strip("|").split("|")]
