@@ -4,8 +4,8 @@ For each pair (ours, a peer) both train on the bench's concepts (`world.BENCH_CO
 held-out ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings`
 suite uses) at equal images, steps, batch, learning rate (scaled by the batch in both), resolution and precision,
 ≥ 3 concepts × 3 seeds; every artefact is drawn by our sampler with the same seeds and read by the toy judge
-(`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six edits of `edit_list` obeyed and kept), and the rows are compared with the bench's own paired verdicts
-(`bench.verdicts` -> `bench.stats`). Per run it also records the wall time per training step (the trainer's own
+(`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six edits of `edit_list` obeyed and
+kept), and the rows are compared with the bench's own paired verdicts (`bench.verdicts` -> `bench.stats`). Per run it also records the wall time per training step (the trainer's own
 progress bar: loop time / steps), the end-to-end wall time, the peak RSS of the training process (CPU) and the norm
 of the learned vector.
 
