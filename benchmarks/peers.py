@@ -1,13 +1,13 @@
 """Peers: our trainers against other projects' trainers, run from their own unmodified source, on the toy world.
 
-For each pair (ours, a peer) both train on the bench's concepts (`world.BENCH_CONCEPTS[:--concepts]`: the 3
-held-out ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings`
-suite uses) at equal images, steps, batch, learning rate (scaled by the batch in both), resolution and precision,
-≥ 3 concepts × 3 seeds; every artefact is drawn by our sampler with the same seeds and read by the toy judge
+For each pair (ours, a peer) both train on the bench's concepts (`world.BENCH_CONCEPTS[:--concepts]`: the 3 held-out
+ones by default, up to 12 for the bench's rule; the same five renders per concept the bench's `embeddings` suite uses)
+at equal images, steps, batch, learning rate (scaled by the batch in both), resolution and precision, ≥ 3 concepts × 3
+seeds; every artefact is drawn by our sampler with the same seeds and read by the toy judge
 (`bench.common.measure_embedding`: the all-traits rate of "a <concept>", the six edits of `edit_list` obeyed and
-kept), and the rows are compared with the bench's own paired verdicts (`bench.verdicts` -> `bench.stats`). Per run it also records the wall time per training step (the trainer's own
-progress bar: loop time / steps), the end-to-end wall time, the peak RSS of the training process (CPU) and the norm
-of the learned vector.
+kept), and the rows are compared with the bench's own paired verdicts (`bench.verdicts` -> `bench.stats`). Per run it
+also records the wall time per training step (the trainer's own progress bar: loop time / steps), the end-to-end wall
+time, the peak RSS of the training process (CPU) and the norm of the learned vector.
 
 Peers are inputs, not code of ours: `--peer NAME=PATH` names the peer's own script in its own checkout and
 `--peer-python NAME=PATH` (or one PATH for all) the interpreter of its own virtual environment. The script is read,
